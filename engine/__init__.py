@@ -1,0 +1,1 @@
+"""The loraplex engine: one base model, many LoRA adapters, one continuous batch."""

@@ -1,0 +1,1 @@
+"""Llama-family decoder loaded from a Hugging Face safetensors folder."""

@@ -1,0 +1,1 @@
+"""loraplex: the `loraplex` command and the generated gRPC contract (`loraplex.v1`)."""

@@ -1,0 +1,1 @@
+"""Generated from proto/loraplex/v1/*.proto by `make protos`; do not edit."""
