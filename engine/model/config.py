@@ -40,6 +40,9 @@ class ModelConfig:
     attention_bias: bool  # q/k/v carry a bias (Qwen2)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Mistral-style sliding-window attention is not implemented; the engine caps its
+    # context at the window instead, where full attention is exactly the same.
+    sliding_window: int | None = None
     name: str = ""
 
     def projection_shape(self, projection: str) -> tuple[int, int]:
@@ -113,12 +116,24 @@ def parse_model_config(raw: dict[str, Any], name: str = "") -> ModelConfig:
         attention_bias=architecture == "Qwen2ForCausalLM" or bool(raw.get("attention_bias")),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        sliding_window=_sliding_window(raw),
         name=name,
     )
 
 
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    window = raw.get("sliding_window")
+    if not window or raw.get("use_sliding_window") is False:
+        return None
+    return int(window)
+
+
 def _architecture_from_type(raw: dict[str, Any]) -> str:
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    by_type = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
     return by_type.get(raw.get("model_type", ""), str(raw.get("model_type") or "<missing>"))
 
 
@@ -142,7 +157,9 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if rope_type in (None, "default"):
         return theta, None
     if rope_type != "llama3":
-        raise ModelFormatError(f"rope_scaling type {rope_type!r} is not supported; only 'llama3' is")
+        raise ModelFormatError(
+            f"rope_scaling type {rope_type!r} is not supported; only 'llama3' is"
+        )
     return theta, {
         "rope_type": "llama3",
         "factor": float(scaling["factor"]),
