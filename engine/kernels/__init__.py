@@ -1,0 +1,26 @@
+"""Multi-LoRA kernels (Triton SGMV/BGMV with plain-torch references) for projection groups."""
+
+from engine.kernels.lora_ops import (
+    SGMV_MIN_SEGMENT,
+    add_lora,
+    choose_form,
+    default_backend,
+    lora_expand,
+    lora_shrink,
+    triton_available,
+)
+from engine.kernels.meta import MAX_SLICES, NO_SLOT, LoraKernelMeta, build_meta
+
+__all__ = [
+    "MAX_SLICES",
+    "NO_SLOT",
+    "SGMV_MIN_SEGMENT",
+    "LoraKernelMeta",
+    "add_lora",
+    "build_meta",
+    "choose_form",
+    "default_backend",
+    "lora_expand",
+    "lora_shrink",
+    "triton_available",
+]
