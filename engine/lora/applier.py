@@ -1,0 +1,95 @@
+"""The model's LoRA hook for one step: each token's adapter delta after each projection.
+
+The runner builds one `MultiLoraApplier` per step from the step's per-token slots; the
+model calls `apply(layer, group, x, out)` right after each base projection. Everything
+that depends only on the batch (token grouping, kernel form, scratch buffer) is done
+once here, so the per-layer cost is the kernel launches alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.kernels.lora_ops import Backend, Form, add_lora, choose_form, default_backend
+from engine.kernels.meta import LoraKernelMeta, build_meta
+from engine.lora.slot_pool import GROUP_PROJECTIONS, LoraSlotPool
+
+_MAX_SLICES = max(len(p) for p in GROUP_PROJECTIONS.values())
+
+
+class MultiLoraApplier:
+    """Adds LoRA deltas in place for one step's flat batch of tokens.
+
+    `token_slots[t]` is token t's slot in `pool` or -1 for the base model alone. The
+    pool's slot contents must not change while this step runs (the runner calls
+    `pool.wait_pending()` before the forward and loads slots only between steps).
+    """
+
+    def __init__(
+        self,
+        pool: LoraSlotPool,
+        token_slots: Sequence[int] | torch.Tensor,
+        backend: Backend | None = None,
+    ) -> None:
+        meta = build_meta(token_slots, pool.slot_ranks, pool.device)
+        self._setup(pool, meta, backend or default_backend(pool.device), choose_form(meta))
+
+    @classmethod
+    def from_meta(
+        cls, pool: LoraSlotPool, meta: LoraKernelMeta, backend: Backend, form: Form
+    ) -> MultiLoraApplier:
+        """An applier over a prebuilt `meta` with a fixed `form`: e.g. a CUDA graph's,
+        whose device tensors are refilled between replays and whose host fields are
+        bounds (see `engine.cuda_graphs`)."""
+        applier = cls.__new__(cls)
+        applier._setup(pool, meta, backend, form)
+        return applier
+
+    def _setup(
+        self, pool: LoraSlotPool, meta: LoraKernelMeta, backend: Backend, form: Form
+    ) -> None:
+        self.pool = pool
+        self.backend: Backend = backend
+        self.meta: LoraKernelMeta = meta
+        self.form: Form = form
+        self._h: torch.Tensor | None = None
+        if self.meta.num_active and self.backend != "torch":
+            # One float32 scratch for the shrink output, shared by every layer and group.
+            self._h = torch.empty(
+                self.meta.num_tokens * _MAX_SLICES * pool.max_rank,
+                dtype=torch.float32,
+                device=pool.device,
+            )
+
+    @property
+    def active(self) -> bool:
+        """Whether any token of the step carries an adapter."""
+        return self.meta.num_active > 0
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """`out += LoRA(x)` for every token with a slot; other rows stay bit-identical.
+
+        x: `[num_tokens, in]` input of the group's projection(s); out:
+        `[num_tokens, total_out]` the base projection's output, both in the pool's dtype.
+        """
+        if not self.meta.num_active:
+            return
+        lora_a, lora_b = self.pool.layer_weights(layer, group)
+        h = None
+        if self._h is not None:
+            n_slices = lora_a.shape[1]
+            size = self.meta.num_tokens * n_slices * self.pool.max_rank
+            h = self._h[:size].view(self.meta.num_tokens, n_slices, self.pool.max_rank)
+        add_lora(
+            x,
+            lora_a,
+            lora_b,
+            out,
+            self.pool.slice_offsets[group],
+            self.meta,
+            backend=self.backend,
+            form=self.form,
+            h=h,
+        )

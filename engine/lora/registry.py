@@ -1,0 +1,283 @@
+"""The engine's loaded adapters: names, reference counts, eviction, and a host-memory
+LRU cache of their weights (disk ◀ CPU cache; device slots live in the slot pool).
+
+Thread-safe: the admin gRPC thread loads and evicts while the engine loop resolves,
+acquires, releases and reads weights. One lock guards the bookkeeping; disk reads and
+validation happen outside it so a large load never stalls the engine loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from engine.lora.adapter_record import AdapterEntry, AdapterRecord
+from engine.lora.errors import (
+    AdapterConflictError,
+    AdapterEvictingError,
+    AdapterFormatError,
+    AdapterNotFoundError,
+    AdapterPathError,
+)
+from engine.lora.peft_format import LoraWeights, load_adapter
+from engine.model.config import ModelConfig
+
+LoadOutcome = Literal["loaded", "already_loaded"]
+EvictOutcome = Literal["evicted", "not_present"]
+_MAX_EVICTED_NAMES = 4096
+
+
+class AdapterRegistry:
+    """Adapters known to this engine, by id and alias.
+
+    `on_drop(adapter_id)` (optional) is called, outside the lock, whenever an adapter
+    leaves the registry (evicted idle, or its last in-flight request released), so the
+    owner of device slots can free the adapter's slot.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        max_rank: int,
+        max_cpu_loras: int,
+        adapter_roots: tuple[Path, ...] = (),
+        pin_memory: bool = False,
+        *,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.max_rank = max_rank
+        self.max_cpu_loras = max(0, max_cpu_loras)
+        self.adapter_roots = tuple(Path(root).resolve() for root in adapter_roots)
+        self.pin_memory = pin_memory
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self._entries: dict[str, AdapterEntry] = {}
+        self._alias_to_id: dict[str, str] = {}
+        self._cache: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
+        # Names (ids and aliases) of evicted adapters, so a caller naming one learns it
+        # was evicted rather than never known. Bounded; a load of the name clears it.
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+
+    def load(
+        self,
+        adapter_id: str,
+        path: Path | str,
+        sha256: str = "",
+        tenant: str = "",
+        aliases: Iterable[str] = (),
+    ) -> tuple[LoadOutcome, AdapterRecord]:
+        """Validate and load the adapter folder at `path` under `adapter_id`.
+
+        Idempotent: the same id with the same content (sha256) is "already_loaded" and
+        adds any new aliases. Raises AdapterPathError (outside the roots),
+        AdapterFormatError (invalid for this base model, or `sha256` given and not
+        matching), AdapterConflictError (the id holds other content or another tenant,
+        or an alias belongs to another adapter), AdapterEvictingError (the id is still
+        draining with different content).
+        """
+        if not adapter_id:
+            raise ValueError("adapter_id must not be empty")
+        aliases = tuple(dict.fromkeys(a for a in aliases if a and a != adapter_id))
+        folder = self._check_path(path)
+        with self._lock:
+            self._check_names(adapter_id, aliases)
+            existing = self._entries.get(adapter_id)
+            if existing is not None and sha256:
+                # The caller named the content: answer without reading the file.
+                return self._reload_existing(existing, sha256, tenant, aliases)
+        weights = load_adapter(folder, self.model_config, self.max_rank, expected_sha256=sha256)
+        if self.pin_memory and self.max_cpu_loras:
+            weights = weights.pinned()
+        with self._lock:
+            self._check_names(adapter_id, aliases)
+            existing = self._entries.get(adapter_id)
+            if existing is not None:
+                return self._reload_existing(existing, weights.sha256, tenant, aliases)
+            entry = AdapterEntry(adapter_id, tenant, list(aliases), weights.summary, folder)
+            self._entries[adapter_id] = entry
+            for name in (adapter_id, *aliases):
+                self._evicted.pop(name, None)
+            for alias in aliases:
+                self._alias_to_id[alias] = adapter_id
+            self._put_in_cache(adapter_id, weights)
+            return "loaded", self._record(entry)
+
+    def resolve(self, name: str) -> AdapterRecord:
+        """The adapter whose id or alias is `name`, if it takes new requests."""
+        with self._lock:
+            return self._record(self._usable(name))
+
+    def get(self, adapter_id: str) -> AdapterRecord | None:
+        """The record of `adapter_id` in any state, or None."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            return None if entry is None else self._record(entry)
+
+    def list(self) -> list[AdapterRecord]:
+        with self._lock:
+            return [self._record(entry) for entry in self._entries.values()]
+
+    def acquire(self, name: str) -> AdapterRecord:
+        """Count one more request in flight on the adapter named `name` (id or alias).
+        AdapterNotFoundError / AdapterEvictingError when it takes no new requests."""
+        with self._lock:
+            entry = self._usable(name)
+            entry.in_flight += 1
+            entry.last_used = datetime.now(UTC)
+            return self._record(entry)
+
+    def release(self, adapter_id: str) -> None:
+        """One request on `adapter_id` finished; an evicting adapter leaves at zero."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None or entry.in_flight <= 0:
+                raise ValueError(f"release({adapter_id!r}) without a matching acquire")
+            entry.in_flight -= 1
+            dropped = entry.evicting and entry.in_flight == 0
+            if dropped:
+                self._drop(adapter_id)
+        if dropped and self._on_drop is not None:
+            self._on_drop(adapter_id)
+
+    def evict(self, adapter_id: str) -> EvictOutcome:
+        """Remove `adapter_id`: at once when idle, else refuse new requests now and
+        remove it when its last request releases. Idempotent."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                return "not_present"
+            entry.evicting = True
+            dropped = entry.in_flight == 0
+            if dropped:
+                self._drop(adapter_id)
+        if dropped and self._on_drop is not None:
+            self._on_drop(adapter_id)
+        return "evicted"
+
+    def weights(self, adapter_id: str) -> LoraWeights:
+        """The adapter's host weights, from the cache or re-read (and re-checked against
+        the recorded sha256) from disk. Works while evicting: admitted requests may
+        still need the adapter placed in a slot."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded on this engine")
+            cached = self._cache.get(adapter_id)
+            if cached is not None:
+                self._cache.move_to_end(adapter_id)
+                return cached
+            folder, sha256 = entry.path, entry.summary.sha256
+        weights = load_adapter(folder, self.model_config, self.max_rank, expected_sha256=sha256)
+        if self.pin_memory and self.max_cpu_loras:
+            weights = weights.pinned()
+        with self._lock:
+            if self._entries.get(adapter_id) is entry:
+                self._put_in_cache(adapter_id, weights)
+        return weights
+
+    def __contains__(self, adapter_id: object) -> bool:
+        with self._lock:
+            return adapter_id in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _check_path(self, path: Path | str) -> Path:
+        folder = Path(path).resolve()  # follows symlinks and `..`
+        if self.adapter_roots and not any(folder.is_relative_to(r) for r in self.adapter_roots):
+            roots = ", ".join(str(r) for r in self.adapter_roots)
+            raise AdapterPathError(
+                f"adapter path {path} resolves to {folder}, outside the engine's adapter roots "
+                f"({roots}); place the adapter under one of them"
+            )
+        if not folder.is_dir():
+            raise AdapterFormatError("missing_folder", f"adapter path {path} is not a directory")
+        return folder
+
+    # Everything below runs with the lock held.
+
+    def _check_names(self, adapter_id: str, aliases: tuple[str, ...]) -> None:
+        if adapter_id in self._alias_to_id:
+            raise AdapterConflictError(
+                f"adapter id {adapter_id!r} is already an alias of adapter "
+                f"{self._alias_to_id[adapter_id]!r}; choose another id"
+            )
+        for alias in aliases:
+            owner = self._alias_to_id.get(alias, alias if alias in self._entries else None)
+            if owner is not None and owner != adapter_id:
+                raise AdapterConflictError(
+                    f"alias {alias!r} already names adapter {owner!r}; evict that adapter "
+                    "first or choose another alias"
+                )
+
+    def _reload_existing(
+        self, entry: AdapterEntry, sha256: str, tenant: str, aliases: tuple[str, ...]
+    ) -> tuple[LoadOutcome, AdapterRecord]:
+        if sha256.lower() != entry.summary.sha256:
+            if entry.evicting:
+                raise AdapterEvictingError(
+                    f"adapter {entry.adapter_id!r} is being evicted and still serves "
+                    f"{entry.in_flight} requests; retry loading new content when they finish"
+                )
+            raise AdapterConflictError(
+                f"adapter {entry.adapter_id!r} is already loaded with different content "
+                f"(sha256 {entry.summary.sha256}); register the new content under a new id"
+            )
+        if tenant != entry.tenant:
+            raise AdapterConflictError(
+                f"adapter {entry.adapter_id!r} is already loaded for tenant "
+                f"{entry.tenant!r}, not {tenant!r}"
+            )
+        for alias in aliases:
+            if alias not in entry.aliases:
+                entry.aliases.append(alias)
+                self._alias_to_id[alias] = entry.adapter_id
+                self._evicted.pop(alias, None)
+        if entry.evicting:
+            entry.evicting = False  # loaded again before it finished draining
+            return "loaded", self._record(entry)
+        return "already_loaded", self._record(entry)
+
+    def _usable(self, name: str) -> AdapterEntry:
+        entry = self._entries.get(self._alias_to_id.get(name, name))
+        if entry is None and name in self._evicted:
+            raise AdapterNotFoundError(
+                f"adapter {name!r} was evicted from this engine (retired, or moved to other "
+                "engines); ask the control plane's ResolveAdapter where it is served now"
+            )
+        if entry is None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded on this engine")
+        if entry.evicting:
+            raise AdapterEvictingError(
+                f"adapter {name!r} is being evicted from this engine; retry on another engine "
+                "or after it is loaded again"
+            )
+        return entry
+
+    def _put_in_cache(self, adapter_id: str, weights: LoraWeights) -> None:
+        if not self.max_cpu_loras:
+            return
+        self._cache[adapter_id] = weights
+        self._cache.move_to_end(adapter_id)
+        while len(self._cache) > self.max_cpu_loras:
+            self._cache.popitem(last=False)
+
+    def _drop(self, adapter_id: str) -> None:
+        entry = self._entries.pop(adapter_id)
+        for alias in entry.aliases:
+            self._alias_to_id.pop(alias, None)
+        self._cache.pop(adapter_id, None)
+        for name in (adapter_id, *entry.aliases):
+            self._evicted[name] = None
+            self._evicted.move_to_end(name)
+        while len(self._evicted) > _MAX_EVICTED_NAMES:
+            self._evicted.popitem(last=False)
+
+    def _record(self, entry: AdapterEntry) -> AdapterRecord:
+        return entry.snapshot(in_cpu_cache=entry.adapter_id in self._cache)

@@ -1,0 +1,123 @@
+"""Read and check a safetensors header without touching tensor data (torch-free).
+
+Layout: 8 bytes little-endian u64 N, N bytes of JSON `{name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}`, then the data region, which the
+offsets index relative to its start. We check what the safetensors library checks
+(offsets in bounds and covering the region, sizes agreeing with dtype × shape) so a
+file that passes here also loads there, and a truncated file is caught early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.lora.errors import AdapterFormatError
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # floats are all LoRA weights can be
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header_from_file(path: Path) -> tuple[dict[str, TensorInfo], int]:
+    """`({name: TensorInfo}, file_size)` of a safetensors file, reading only its header."""
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            header_len = _check_header_len(path, prefix, file_size)
+            header_bytes = handle.read(header_len)
+    except OSError as exc:
+        raise AdapterFormatError("corrupt_weights", f"cannot read {path}: {exc}") from exc
+    return parse_header(path, header_bytes, file_size - 8 - header_len), file_size
+
+
+def read_header_from_bytes(path: Path, data: bytes) -> dict[str, TensorInfo]:
+    """Same checks as `read_header_from_file`, on a file already read into memory."""
+    header_len = _check_header_len(path, data[:8], len(data))
+    return parse_header(path, data[8 : 8 + header_len], len(data) - 8 - header_len)
+
+
+def parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorInfo]:
+    try:
+        raw = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(path, f"its header is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    raw.pop("__metadata__", None)
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in raw.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(path, f"its header entry for {name!r} is malformed") from exc
+        if dtype not in _DTYPE_SIZES:
+            raise AdapterFormatError(
+                "unsupported_dtype",
+                f"tensor {name} in {path} has dtype {dtype}; LoRA weights must be F32, F16 or BF16",
+            )
+        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
+            raise _corrupt(path, f"the byte range of tensor {name} does not match its shape")
+        tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape)
+        spans.append((begin, end, name))
+    # The data region must be covered exactly, in order, with no gaps or overlaps.
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise _corrupt(path, f"tensor {name} does not start where the previous one ends")
+        position = end
+    if position > data_len:
+        raise _truncated(
+            path,
+            f"its header describes {position} bytes of tensor data but only {data_len} are present",
+        )
+    if position != data_len:
+        raise _corrupt(path, f"it has {data_len - position} trailing bytes after the tensor data")
+    return tensors
+
+
+def _check_header_len(path: Path, prefix: bytes, file_size: int) -> int:
+    if len(prefix) < 8:
+        raise _truncated(path, "it is shorter than the 8-byte header length prefix")
+    header_len = struct.unpack("<Q", prefix)[0]
+    if header_len > _MAX_HEADER_BYTES:
+        raise _corrupt(path, f"its header length prefix ({header_len}) is implausible")
+    if header_len > file_size - 8:
+        raise _truncated(path, f"its header needs {header_len} bytes but the file ends first")
+    return header_len
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _corrupt(path: Path, what: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        "corrupt_weights",
+        f"{path} is not a valid safetensors file: {what}; re-save the adapter with "
+        "save_pretrained(..., safe_serialization=True)",
+    )
+
+
+def _truncated(path: Path, what: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        "truncated_weights", f"{path} is truncated: {what}; copy or download the file again"
+    )

@@ -1,0 +1,224 @@
+"""Fixed device slots holding the A/B weights of up to `max_loras` adapters.
+
+Layout (what the LoRA kernels index), per group g in GROUPS and layer l:
+- `lora_a[g][l]` `[S, n_slices, r_max, in]`: slice i holds projection i's A `[r, in]`
+  in its first r rows (q,k,v for "qkv"; gate,up for "gate_up"; one slice otherwise).
+- `lora_b[g][l]` `[S, total_out, r_max]`: projection i's B_scaled `[out_i, r]` at rows
+  `slice_offsets[g][i]:slice_offsets[g][i+1]`, first r columns.
+- `slot_ranks` `[S]` int32 on the host: the rank loaded in each slot, 0 when empty.
+Everything not loaded (padding rows/columns, untargeted projections and layers, empty
+slots) is zero, so a kernel may read a whole `r_max` and still add nothing spurious.
+
+All buffers are allocated once here; loading a slot copies into them. On CUDA slot
+writes run on a side stream behind an event, and the runner must call
+`wait_pending(stream)` before its next forward; on the CPU they are synchronous.
+Which adapter goes to which slot is the scheduler's decision (engine/adapter_slots.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.lora.peft_format import LoraWeights
+from engine.model.config import ModelConfig
+
+GROUPS = ("qkv", "o", "gate_up", "down")
+GROUP_PROJECTIONS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+# projection -> (group, slice index within the group)
+SLICE_OF = {p: (g, i) for g, projs in GROUP_PROJECTIONS.items() for i, p in enumerate(projs)}
+
+
+@dataclass
+class SlotLoad:
+    """Handle of one slot write. `event` is None when the write already happened (CPU)."""
+
+    slot: int
+    event: torch.cuda.Event | None = None
+    # Host tensors the asynchronous copy reads; kept alive until the copy is waited on.
+    sources: list[torch.Tensor] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+class LoraSlotPool:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        max_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if max_loras <= 0 or max_rank <= 0:
+            raise ValueError(
+                f"max_loras and max_rank must be positive, got {max_loras}, {max_rank}"
+            )
+        self.model_config = model_config
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = torch.device(device)
+        num_layers = model_config.num_layers
+        self.slice_offsets: dict[str, tuple[int, ...]] = {}
+        self.in_features: dict[str, int] = {}
+        self.lora_a: dict[str, torch.Tensor] = {}
+        self.lora_b: dict[str, torch.Tensor] = {}
+        for group, projections in GROUP_PROJECTIONS.items():
+            outs = [model_config.projection_shape(p)[0] for p in projections]
+            self.in_features[group] = model_config.projection_shape(projections[0])[1]
+            self.slice_offsets[group] = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
+            # [L, S, n_slices, r_max, in] and [L, S, total_out, r_max]
+            self.lora_a[group] = torch.zeros(
+                num_layers,
+                max_loras,
+                len(projections),
+                max_rank,
+                self.in_features[group],
+                dtype=dtype,
+                device=self.device,
+            )
+            self.lora_b[group] = torch.zeros(
+                num_layers,
+                max_loras,
+                self.slice_offsets[group][-1],
+                max_rank,
+                dtype=dtype,
+                device=self.device,
+            )
+        self.slot_ranks = torch.zeros(max_loras, dtype=torch.int32)  # [S] host
+        self._pending: list[SlotLoad] = []
+        self._stream: torch.cuda.Stream | None = None
+        self._staging_a: dict[str, torch.Tensor] = {}
+        self._staging_b: dict[str, torch.Tensor] = {}
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=self.device)
+            # float32 staging for one slot: pinned float32 host weights land here with
+            # truly asynchronous copies, then the cast to `dtype` happens on the device.
+            for group in GROUPS:
+                self._staging_a[group] = torch.zeros_like(
+                    self.lora_a[group][:, 0], dtype=torch.float32
+                )
+                self._staging_b[group] = torch.zeros_like(
+                    self.lora_b[group][:, 0], dtype=torch.float32
+                )
+
+    def layer_weights(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(lora_a [S, n_slices, r_max, in], lora_b [S, total_out, r_max])` of one layer."""
+        return self.lora_a[group][layer], self.lora_b[group][layer]
+
+    def load_into_slot(self, slot: int, weights: LoraWeights) -> SlotLoad:
+        """Replace whatever `slot` held with `weights` (copies only, no pool allocation)."""
+        self._check_slot(slot)
+        if weights.rank > self.max_rank:
+            raise ValueError(
+                f"adapter rank {weights.rank} exceeds the pool's max_rank {self.max_rank}"
+            )
+        if self._stream is None:
+            for group in GROUPS:
+                self.lora_a[group][:, slot].zero_()
+                self.lora_b[group][:, slot].zero_()
+            for (layer, proj), (a, b) in weights.modules.items():
+                dst_a, dst_b = self._module_views(
+                    self.lora_a, self.lora_b, layer, slot, proj, a.shape[0]
+                )
+                dst_a.copy_(a)  # [r, in]
+                dst_b.copy_(b)  # [out, r]
+            self.slot_ranks[slot] = weights.rank
+            return SlotLoad(slot=slot)
+        handle = SlotLoad(slot=slot, sources=[t for pair in weights.modules.values() for t in pair])
+        with self._on_side_stream(handle):
+            for group in GROUPS:
+                self._staging_a[group].zero_()
+                self._staging_b[group].zero_()
+            staging_a = {g: t.unsqueeze(1) for g, t in self._staging_a.items()}
+            staging_b = {g: t.unsqueeze(1) for g, t in self._staging_b.items()}
+            for (layer, proj), (a, b) in weights.modules.items():
+                dst_a, dst_b = self._module_views(staging_a, staging_b, layer, 0, proj, a.shape[0])
+                dst_a.copy_(a, non_blocking=True)
+                dst_b.copy_(b, non_blocking=True)
+            for group in GROUPS:
+                self.lora_a[group][:, slot].copy_(self._staging_a[group])
+                self.lora_b[group][:, slot].copy_(self._staging_b[group])
+        self.slot_ranks[slot] = weights.rank
+        return handle
+
+    def clear_slot(self, slot: int) -> SlotLoad:
+        """Zero `slot` and set its rank to 0."""
+        self._check_slot(slot)
+        handle = SlotLoad(slot=slot)
+        if self._stream is None:
+            for group in GROUPS:
+                self.lora_a[group][:, slot].zero_()
+                self.lora_b[group][:, slot].zero_()
+        else:
+            with self._on_side_stream(handle):
+                for group in GROUPS:
+                    self.lora_a[group][:, slot].zero_()
+                    self.lora_b[group][:, slot].zero_()
+        self.slot_ranks[slot] = 0
+        return handle
+
+    def wait_pending(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Make `stream` (default: the current stream) wait for every slot write issued
+        so far. Cheap, never blocks the host; a no-op on the CPU."""
+        if not self._pending:
+            return
+        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        for handle in self._pending:
+            assert handle.event is not None
+            stream.wait_event(handle.event)
+        self._pending.clear()
+
+    def _on_side_stream(self, handle: SlotLoad) -> _SideStream:
+        assert self._stream is not None
+        return _SideStream(self, handle)
+
+    def _module_views(
+        self,
+        a_bufs: dict[str, torch.Tensor],
+        b_bufs: dict[str, torch.Tensor],
+        layer: int,
+        slot: int,
+        proj: str,
+        rank: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        group, index = SLICE_OF[proj]
+        begin, end = self.slice_offsets[group][index], self.slice_offsets[group][index + 1]
+        return a_bufs[group][layer, slot, index, :rank], b_bufs[group][
+            layer, slot, begin:end, :rank
+        ]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise IndexError(f"slot {slot} is out of range [0, {self.max_loras})")
+
+
+class _SideStream:
+    """Run slot writes on the pool's side stream after the work already queued on the
+    current stream (a forward may still read the slot's old contents), and record an
+    event the next forward waits on."""
+
+    def __init__(self, pool: LoraSlotPool, handle: SlotLoad) -> None:
+        self._pool = pool
+        self._handle = handle
+        self._context = torch.cuda.stream(pool._stream)
+
+    def __enter__(self) -> None:
+        assert self._pool._stream is not None
+        self._pool._stream.wait_stream(torch.cuda.current_stream(self._pool.device))
+        self._context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        event = torch.cuda.Event()
+        event.record(self._pool._stream)
+        self._context.__exit__(*exc)
+        self._handle.event = event
+        self._pool._pending.append(self._handle)

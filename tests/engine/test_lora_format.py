@@ -1,0 +1,186 @@
+"""PEFT adapter folders load with PEFT's own module selection, ranks and scaling: the
+folded delta `x @ A.T @ B_scaled.T` equals the delta of PEFT's LoRA module itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.lora.adapter_header import validate_adapter_header
+from engine.lora.peft_format import LoraWeights, load_adapter
+from engine.model.config import PROJECTIONS, ModelConfig, load_model_config
+from tests.adapter_factory import make_peft_adapter, make_tiny_llama
+
+MAX_RANK = 16
+
+VARIANTS = {
+    "list_qv": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all_linear_rslora": dict(r=8, alpha=16, target_modules="all-linear", use_rslora=True),
+    "regex": dict(r=4, alpha=4, target_modules=r".*\.(k_proj|down_proj)"),
+    "layer_int": dict(
+        r=2, alpha=8, target_modules=["o_proj", "gate_proj", "up_proj"], layers_to_transform=1
+    ),
+    "layer_list": dict(
+        r=4, alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[0]
+    ),
+    "patterns": dict(
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        rank_pattern={"q_proj": 2, "model.layers.1.mlp.up_proj": 12},
+        alpha_pattern={"v_proj": 32, "model.layers.0.self_attn.o_proj": 1},
+    ),
+    "patterns_rslora": dict(
+        r=6,
+        alpha=12,
+        target_modules=["q_proj", "gate_proj"],
+        use_rslora=True,
+        rank_pattern={"gate_proj": 3},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def model_config(base_dir: Path) -> ModelConfig:
+    return load_model_config(base_dir)
+
+
+def peft_modules(base_dir: Path, adapter_dir: Path) -> dict[tuple[int, str], torch.nn.Module]:
+    """PEFT's own LoRA layers of the adapter, keyed like LoraWeights.modules."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            parts = name.split(".")
+            found[(int(parts[parts.index("layers") + 1]), parts[-1])] = module
+    return found
+
+
+def assert_matches_peft(weights: LoraWeights, base_dir: Path, adapter_dir: Path) -> None:
+    modules = peft_modules(base_dir, adapter_dir)
+    assert set(weights.modules) == set(modules)
+    generator = torch.Generator().manual_seed(0)
+    for key, (a, b_scaled) in weights.modules.items():
+        module = modules[key]
+        assert a.dtype == b_scaled.dtype == torch.float32
+        x = torch.randn(5, a.shape[1], generator=generator)  # [tokens, in] f32
+        with torch.no_grad():
+            expected = module(x) - module.get_base_layer()(x)  # PEFT's LoRA delta
+        got = x @ a.T @ b_scaled.T
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"module {key}")
+        assert expected.abs().max() > 1e-3  # the adapter is not a no-op
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_delta_equals_peft(
+    variant: str, base_dir: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    kwargs = VARIANTS[variant]
+    adapter_dir = make_peft_adapter(base_dir, tmp_path / variant, seed=1, **kwargs)
+    weights = load_adapter(adapter_dir, model_config, MAX_RANK)
+    assert_matches_peft(weights, base_dir, adapter_dir)
+
+    ranks = {spec.rank for spec in weights.summary.modules}
+    assert weights.rank == max(ranks)
+    assert weights.alpha == kwargs["alpha"]
+    assert set(weights.target_modules) <= set(PROJECTIONS)
+    assert weights.size_bytes == (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert len(weights.sha256) == 64
+    for (_, proj), (a, b) in weights.modules.items():
+        out_features, in_features = model_config.projection_shape(proj)
+        assert a.shape[1] == in_features and b.shape[0] == out_features and a.shape[0] == b.shape[1]
+
+    header = validate_adapter_header(adapter_dir, model_config, MAX_RANK, compute_sha256=True)
+    assert header == weights.summary
+
+
+def test_variant_details(base_dir: Path, model_config: ModelConfig, tmp_path: Path) -> None:
+    weights = load_adapter(
+        make_peft_adapter(base_dir, tmp_path / "p", seed=2, **VARIANTS["patterns"]),
+        model_config,
+        MAX_RANK,
+    )
+    ranks = {(s.layer, s.projection): s.rank for s in weights.summary.modules}
+    assert ranks[(0, "q_proj")] == ranks[(1, "q_proj")] == 2
+    assert ranks[(1, "up_proj")] == 12 and ranks[(0, "up_proj")] == 4
+    assert weights.rank == 12
+    assert weights.target_modules == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+    only_layer_1 = load_adapter(
+        make_peft_adapter(base_dir, tmp_path / "l", seed=2, **VARIANTS["layer_int"]),
+        model_config,
+        MAX_RANK,
+    )
+    assert {layer for layer, _ in only_layer_1.modules} == {1}
+    assert only_layer_1.target_modules == ("o_proj", "gate_proj", "up_proj")
+
+
+def test_handwritten_all_linear_and_missing_peft_type(
+    base_dir: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    """PEFT saves "all-linear" expanded to module names; a hand-written config may keep
+    the shorthand (and omit peft_type): same adapter, same weights."""
+    adapter_dir = make_peft_adapter(
+        base_dir, tmp_path / "a", seed=3, r=4, alpha=8, target_modules="all-linear"
+    )
+    expanded = load_adapter(adapter_dir, model_config, MAX_RANK)
+    config_path = adapter_dir / "adapter_config.json"
+    raw = json.loads(config_path.read_text())
+    raw["target_modules"] = "all-linear"
+    del raw["peft_type"]
+    config_path.write_text(json.dumps(raw))
+    shorthand = load_adapter(adapter_dir, model_config, MAX_RANK)
+    assert set(shorthand.modules) == set(expanded.modules)
+    assert len(shorthand.modules) == 7 * model_config.num_layers
+    for key, (a, b) in expanded.modules.items():
+        assert torch.equal(shorthand.modules[key][0], a) and torch.equal(
+            shorthand.modules[key][1], b
+        )
+
+
+def test_bf16_adapter_loads_as_float32(
+    base_dir: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir = make_peft_adapter(
+        base_dir, tmp_path / "b", seed=4, r=4, alpha=8, target_modules=["q_proj"]
+    )
+    path = adapter_dir / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    weights = load_adapter(adapter_dir, model_config, MAX_RANK)
+    assert all(a.dtype == torch.float32 for a, _ in weights.modules.values())
+    assert_matches_peft(weights, base_dir, adapter_dir)
+
+
+def test_header_validation_is_torch_free() -> None:
+    """The control plane imports the header validator without pulling in torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import engine.lora.adapter_header, engine.lora.errors; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
