@@ -1,0 +1,1 @@
+"""The control plane: the Postgres registry of tenants, adapter versions and engines."""

@@ -1,0 +1,33 @@
+"""The control plane's configuration, built once in main() from flags and environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from control_plane.reconciler.loop import ReconcilerConfig
+
+DEFAULT_PORT = 50050
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    database_url: str
+    admin_token: str
+    adapter_roots: tuple[Path, ...] = ()
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0 = any free port (tests)
+    default_max_adapters: int = 100
+    default_max_lora_rank: int = 64
+    # Run `upgrade head` at start (the embedded SQLite default); otherwise a database
+    # behind the migrations is refused with a message saying to run migrate.
+    auto_migrate: bool = False
+    reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.admin_token:
+            raise ValueError(
+                "an admin token is required: pass --admin-token or set LORAPLEX_ADMIN_TOKEN"
+            )
+        if not self.database_url:
+            raise ValueError("a database URL is required (--database-url)")

@@ -1,0 +1,203 @@
+"""The reconciler's decisions as pure functions of plain data: no I/O, no clock reads.
+
+`desired_placements` says which engines should hold each active version; `plan` compares
+that with what engines report and returns the Load/Evict calls to make, never one that
+would give an alias to two adapters; `versions_to_fail` says which versions no eligible
+engine can load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    version_id: int
+    adapter_id: str  # "tenant/name@version"
+    tenant: str
+    path: str
+    sha256: str
+    aliases: tuple[str, ...]  # ("tenant/name",) on the current version, else ()
+    base_model_id: int
+    replicas: int  # 0 = every live engine of the base model
+
+
+@dataclass(frozen=True)
+class EngineView:
+    engine_id: int
+    base_model_id: int | None
+    live: bool
+
+
+@dataclass(frozen=True)
+class PlacementView:
+    version_id: int
+    engine_id: int
+    desired: bool
+    attempts: int = 0
+    permanent_failure: bool = False
+    next_retry_at: datetime | None = None
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class ObservedAdapter:
+    adapter_id: str
+    aliases: frozenset[str] = frozenset()
+    sha256: str = ""
+    evicting: bool = False
+
+
+@dataclass(frozen=True)
+class Load:
+    engine_id: int
+    version_id: int
+    adapter_id: str
+    path: str
+    sha256: str
+    tenant: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Evict:
+    engine_id: int
+    adapter_id: str
+
+
+Action = Load | Evict
+PlacementKey = tuple[int, int]  # (version_id, engine_id)
+Desired = Mapping[int, frozenset[int]]  # version_id -> engine ids
+Observed = Mapping[int, Mapping[str, ObservedAdapter]]  # engine id -> what it holds
+
+
+def desired_placements(
+    versions: Iterable[VersionSpec],
+    engines: Iterable[EngineView],
+    placements: Mapping[PlacementKey, PlacementView],
+) -> dict[int, frozenset[int]]:
+    """Engines each version should be on.
+
+    Eligible: live engines of the version's base model where it has not failed for good.
+    `replicas == 0` takes all of them; `replicas == N` keeps the engines already chosen
+    (no churn) and fills up with the least loaded (fewest desired placements so far).
+    """
+    by_model: dict[int, list[int]] = {}
+    for engine in sorted(engines, key=lambda e: e.engine_id):
+        if engine.live and engine.base_model_id is not None:
+            by_model.setdefault(engine.base_model_id, []).append(engine.engine_id)
+    load: dict[int, int] = {}
+    desired: dict[int, frozenset[int]] = {}
+    ordered = sorted(versions, key=lambda v: v.version_id)
+    # All-engine versions first: they fix the load that N-replica versions balance against.
+    for spec in sorted(ordered, key=lambda v: v.replicas != 0):
+        eligible = [
+            e for e in by_model.get(spec.base_model_id, [])
+            if not _failed_for_good(placements.get((spec.version_id, e)))
+        ]
+        if spec.replicas == 0 or spec.replicas >= len(eligible):
+            chosen = eligible
+        else:
+            kept = [e for e in eligible if _wanted(placements.get((spec.version_id, e)))]
+            kept = kept[: spec.replicas]
+            rest = sorted((e for e in eligible if e not in kept), key=lambda e: (load.get(e, 0), e))
+            chosen = kept + rest[: spec.replicas - len(kept)]
+        for e in chosen:
+            load[e] = load.get(e, 0) + 1
+        desired[spec.version_id] = frozenset(chosen)
+    return desired
+
+
+def plan(
+    versions: Iterable[VersionSpec],
+    desired: Desired,
+    observed: Observed,
+    placements: Mapping[PlacementKey, PlacementView],
+    now: datetime,
+) -> list[Action]:
+    """Calls that bring each observed engine closer to its desired set: evictions first.
+
+    Engines absent from `observed` (unreachable, or reconciled by another replica) get
+    nothing. An engine can add aliases to a loaded adapter but never take one away, and
+    refuses an alias another adapter holds. So an adapter holding an alias it should
+    not (the alias moved to a newer version) is evicted, and reloaded without it once
+    drained; a load carries only the aliases no other adapter holds, and the rest are
+    added by a later pass. No call is made that the engine would refuse for a name
+    conflict. A load waits while its placement is backing off.
+    """
+    specs = list(versions)
+    actions: list[Action] = []
+    for engine_id in sorted(observed):
+        have = observed[engine_id]
+        want = {s.adapter_id: s for s in specs if engine_id in desired.get(s.version_id, ())}
+        alias_owner = {alias: a for a, seen in have.items() for alias in seen.aliases}
+        evicted: set[str] = set()
+        for adapter_id in sorted(have):
+            seen = have[adapter_id]
+            spec = want.get(adapter_id)
+            if seen.evicting:
+                continue
+            if (
+                spec is None
+                or (seen.sha256 and seen.sha256 != spec.sha256)
+                or not seen.aliases <= frozenset(spec.aliases)
+            ):
+                evicted.add(adapter_id)
+                actions.append(Evict(engine_id, adapter_id))
+        for adapter_id in sorted(want):
+            spec = want[adapter_id]
+            seen = have.get(adapter_id)
+            if adapter_id in evicted or (seen is not None and seen.evicting):
+                continue  # loaded again once the engine has let go of it
+            free = tuple(a for a in spec.aliases if alias_owner.get(a, adapter_id) == adapter_id)
+            if seen is not None and frozenset(free) <= seen.aliases:
+                continue
+            if _backing_off(placements.get((spec.version_id, engine_id)), now):
+                continue
+            actions.append(Load(engine_id, spec.version_id, spec.adapter_id, spec.path,
+                                spec.sha256, spec.tenant, free))
+    return actions
+
+
+def versions_to_fail(
+    versions: Iterable[VersionSpec],
+    engines: Iterable[EngineView],
+    placements: Mapping[PlacementKey, PlacementView],
+) -> dict[int, str]:
+    """`{version_id: reason}` for versions every eligible engine refused for good."""
+    live_by_model: dict[int, list[int]] = {}
+    for engine in engines:
+        if engine.live and engine.base_model_id is not None:
+            live_by_model.setdefault(engine.base_model_id, []).append(engine.engine_id)
+    failed: dict[int, str] = {}
+    for spec in versions:
+        eligible = sorted(live_by_model.get(spec.base_model_id, []))
+        found = [placements.get((spec.version_id, e)) for e in eligible]
+        if eligible and all(_failed_for_good(p) for p in found):
+            reasons = [p.last_error for p in found if p is not None and p.last_error]
+            failed[spec.version_id] = reasons[0] if reasons else "no engine could load it"
+    return failed
+
+
+def retry_delay(attempts: int, base: timedelta, cap: timedelta) -> timedelta:
+    """Exponential backoff after the `attempts`-th consecutive failure (1 = first)."""
+    return min(cap, base * (2 ** max(0, min(attempts - 1, 30))))
+
+
+def _failed_for_good(placement: PlacementView | None) -> bool:
+    return placement is not None and placement.permanent_failure
+
+
+def _wanted(placement: PlacementView | None) -> bool:
+    return placement is not None and placement.desired
+
+
+def _backing_off(placement: PlacementView | None, now: datetime) -> bool:
+    return (
+        placement is not None
+        and placement.next_retry_at is not None
+        and placement.next_retry_at > now
+    )

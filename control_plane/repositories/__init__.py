@@ -1,0 +1,1 @@
+"""Repositories: queries and writes on one session. They flush, never commit."""

@@ -1,0 +1,130 @@
+"""Wire the control plane together and serve it: ControlPlane + Health + reflection.
+
+`start_control_plane` returns a running instance (tests use port 0 and stop it);
+`serve_control_plane` runs one until cancelled or signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
+
+from control_plane import migrate
+from control_plane.admin_auth import AdminTokenInterceptor
+from control_plane.config import ControlPlaneConfig
+from control_plane.db import make_db_engine, make_session_factory
+from control_plane.reconciler.engine_client import EngineClient
+from control_plane.reconciler.loop import Reconciler
+from control_plane.reconciler.store import ReconcileStore
+from control_plane.servicer import ControlPlaneServicer, Services
+from control_plane.services.adapters import AdapterService
+from control_plane.services.base_models import BaseModelService
+from control_plane.services.common import ServiceContext, utcnow
+from control_plane.services.engines import EngineService
+from control_plane.services.tenants import TenantService
+from loraplex.v1 import control_plane_pb2, control_plane_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name
+
+
+class NotMigratedError(RuntimeError):
+    """The database is behind the migrations; the message says how to fix it."""
+
+
+@dataclass
+class RunningControlPlane:
+    server: grpc.aio.Server
+    port: int
+    reconciler: Reconciler
+    services: Services
+    db_engine: Engine
+    _reconcile_task: asyncio.Task[None]
+    _client: EngineClient
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self._reconcile_task.cancel()
+        try:
+            await self._reconcile_task
+        except asyncio.CancelledError:
+            pass
+        await self.server.stop(grace)
+        await self._client.close()
+        self.db_engine.dispose()
+
+
+async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane:
+    if config.auto_migrate:
+        await asyncio.to_thread(migrate.upgrade, config.database_url)
+    elif not await asyncio.to_thread(migrate.is_up_to_date, config.database_url):
+        raise NotMigratedError(
+            "the database schema is not at the latest migration; run "
+            "`loraplex control-plane migrate` first"
+        )
+    db_engine = make_db_engine(config.database_url)
+    loop = asyncio.get_running_loop()
+    rc = config.reconciler
+    reconciler_ref: list[Reconciler] = []
+    ctx = ServiceContext(
+        sessions=make_session_factory(db_engine), clock=utcnow,
+        on_change=lambda: reconciler_ref[0].nudge() if reconciler_ref else None,
+    )
+    heartbeat_timeout = timedelta(seconds=rc.heartbeat_timeout_s)
+    services = Services(
+        tenants=TenantService(ctx, config.default_max_adapters),
+        base_models=BaseModelService(ctx, config.default_max_lora_rank),
+        adapters=AdapterService(ctx, config.adapter_roots),
+        engines=EngineService(ctx, heartbeat_timeout),
+    )
+    store = ReconcileStore(
+        ctx, heartbeat_timeout=heartbeat_timeout, lease=timedelta(seconds=rc.lease_s),
+        retry_base=timedelta(seconds=rc.retry_base_s), retry_cap=timedelta(seconds=rc.retry_cap_s),
+        fail_after_attempts=rc.fail_after_attempts, permanent_codes=rc.permanent_codes,
+    )
+    client = EngineClient(config.admin_token, rc.rpc_timeout_s, rc.load_timeout_s)
+    reconciler = Reconciler(rc, store, client, utcnow)
+    reconciler.bind(loop)
+    reconciler_ref.append(reconciler)
+
+    server = grpc.aio.server(interceptors=[AdminTokenInterceptor(config.admin_token)])
+    control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
+        ControlPlaneServicer(services, config.admin_token), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    task = asyncio.create_task(reconciler.run(), name="reconciler")
+    log.info("control plane listening on %s:%d", config.host, port)
+    return RunningControlPlane(server, port, reconciler, services, db_engine, task, client)
+
+
+async def serve_control_plane(config: ControlPlaneConfig) -> None:
+    """Serve until SIGINT/SIGTERM or cancellation."""
+    running = await start_control_plane(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()

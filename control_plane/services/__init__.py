@@ -1,0 +1,1 @@
+"""Services: one transaction per call; they return records, never ORM objects."""

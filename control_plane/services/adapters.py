@@ -1,0 +1,215 @@
+"""Adapters: registration (validated against the base model), listings, retirement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from control_plane.adapter_source import config_sha256, resolve_adapter_uri
+from control_plane.errors import ErrorCode, ServiceError, invalid, not_found, precondition
+from control_plane.models import Adapter, AdapterVersion, Tenant, TenantState, VersionState
+from control_plane.records import AdapterPage, AdapterRecord, VersionRecord
+from control_plane.repositories.audit import AuditRepository
+from control_plane.repositories.catalog import AdapterRepository, BaseModelRepository
+from control_plane.repositories.tenants import TenantRepository
+from control_plane.services.common import ServiceContext, check_adapter_name, check_tenant_name
+from engine.lora.errors import AdapterFormatError
+from engine.lora.peft_format import validate_adapter_header
+from engine.model.config import ModelFormatError, parse_model_config
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class AdapterService:
+    def __init__(self, ctx: ServiceContext, adapter_roots: Sequence[Path]) -> None:
+        self._ctx = ctx
+        self._roots = tuple(adapter_roots)
+
+    def register_adapter(
+        self, tenant_name: str, name: str, uri: str, base_model: str, *,
+        sha256: str = "", replicas: int = 0, actor: str,
+    ) -> VersionRecord:
+        """Validate the folder against the base model and create the next version.
+
+        Identical content on the same base model returns the active version holding it.
+        """
+        check_tenant_name(tenant_name)
+        check_adapter_name(name)
+        if not base_model:
+            raise invalid("base_model is required: the name of a registered base model")
+        with self._ctx.sessions.begin() as session:
+            _active_tenant(TenantRepository(session), tenant_name)
+            model = BaseModelRepository(session).get(base_model)
+            if model is None:
+                raise not_found(f"no base model named {base_model!r}; register it first")
+            model_id, max_rank, raw_config = model.id, model.max_lora_rank, model.config
+        folder = resolve_adapter_uri(uri, self._roots)
+        try:
+            model_config = parse_model_config(raw_config, name=base_model)
+            summary = validate_adapter_header(
+                folder, model_config, max_rank, expected_sha256=sha256, compute_sha256=True
+            )
+        except (AdapterFormatError, ModelFormatError) as exc:
+            raise precondition(
+                f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
+            ) from exc
+        content = {
+            "sha256": summary.sha256, "config_sha256": config_sha256(folder),
+            "base_model_id": model_id,
+        }
+        now = self._ctx.clock()
+        with self._ctx.sessions.begin() as session:
+            # The tenant's row lock serializes registrations of one tenant across replicas:
+            # the quota count and the next version number cannot race.
+            tenant = _active_tenant(TenantRepository(session), tenant_name, for_update=True)
+            adapters = AdapterRepository(session)
+            adapter = adapters.get(tenant.id, name, for_update=True)
+            if adapter is None:
+                if TenantRepository(session).count_adapters(tenant.id) >= tenant.max_adapters:
+                    raise ServiceError(
+                        ErrorCode.RESOURCE_EXHAUSTED,
+                        f"tenant {tenant_name!r} has reached its quota of "
+                        f"{tenant.max_adapters} adapters; register a new version of an "
+                        "existing adapter instead, or raise the tenant's quota",
+                    )
+                adapter = adapters.add(tenant.id, name, now)
+            existing = adapters.active_identical(adapter.id, **content)
+            if existing is not None:
+                return version_records(session, adapter, tenant_name, [existing])[0]
+            version = adapters.add_version(
+                adapter_id=adapter.id, number=adapters.next_number(adapter.id), uri=uri,
+                path=str(folder), size_bytes=summary.size_bytes, rank=summary.rank,
+                alpha=summary.alpha, target_modules=list(summary.target_modules),
+                replicas=replicas, state=VersionState.ACTIVE, created_at=now, **content,
+            )
+            adapter.current_version_id = version.id
+            session.flush()
+            AuditRepository(session).record(
+                actor, "adapter.register", f"{tenant_name}/{name}@{version.number}", now,
+                {"uri": uri, "sha256": summary.sha256, "base_model": base_model},
+            )
+            record = version_records(session, adapter, tenant_name, [version])[0]
+        self._ctx.on_change()
+        return record
+
+    def get_adapter(self, tenant_name: str, name: str) -> AdapterRecord:
+        with self._ctx.sessions.begin() as session:
+            tenant, adapter = _require_adapter(session, tenant_name, name)
+            return adapter_records(session, [(adapter, tenant.name)])[0]
+
+    def list_adapters(self, tenant_name: str, page_size: int, page_token: str) -> AdapterPage:
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after_id = _decode_token(page_token)
+        with self._ctx.sessions.begin() as session:
+            tenant_id = None
+            if tenant_name:
+                tenant = TenantRepository(session).get(tenant_name)
+                if tenant is None:
+                    raise not_found(f"no tenant named {tenant_name!r}")
+                tenant_id = tenant.id
+            rows = AdapterRepository(session).page(tenant_id, after_id, limit + 1)
+            records = adapter_records(session, rows[:limit])
+            token = f"a{rows[limit - 1][0].id}" if len(rows) > limit else ""
+        return AdapterPage(adapters=tuple(records), next_page_token=token)
+
+    def retire_adapter(
+        self, tenant_name: str, name: str, version: int, actor: str
+    ) -> tuple[list[VersionRecord], AdapterRecord]:
+        """Retire one version (0: all); the alias moves to the newest remaining active one."""
+        now = self._ctx.clock()
+        with self._ctx.sessions.begin() as session:
+            tenant, adapter = _require_adapter(session, tenant_name, name, for_update=True)
+            adapters = AdapterRepository(session)
+            if version:
+                one = adapters.version(adapter.id, version)
+                if one is None:
+                    raise not_found(f"{tenant_name}/{name} has no version {version}")
+                targets = [one]
+            else:
+                targets = adapters.versions([adapter.id])
+            retired = [v for v in targets if v.state != VersionState.RETIRED]
+            for v in retired:
+                v.state = VersionState.RETIRED
+                v.retired_at = now
+            session.flush()
+            if adapter.current_version_id in {v.id for v in retired}:
+                newest = adapters.newest_active(adapter.id)
+                adapter.current_version_id = None if newest is None else newest.id
+            session.flush()
+            for v in retired:
+                AuditRepository(session).record(
+                    actor, "adapter.retire", f"{tenant_name}/{name}@{v.number}", now
+                )
+            retired_records = version_records(session, adapter, tenant.name, retired)
+            record = adapter_records(session, [(adapter, tenant.name)])[0]
+        self._ctx.on_change()
+        return retired_records, record
+
+
+def _active_tenant(tenants: TenantRepository, name: str, *, for_update: bool = False) -> Tenant:
+    tenant = tenants.get(name, for_update=for_update)
+    if tenant is None:
+        raise not_found(f"no tenant named {name!r}; create it with CreateTenant")
+    if tenant.state != TenantState.ACTIVE:
+        raise precondition(f"tenant {name!r} is disabled")
+    return tenant
+
+
+def _require_adapter(
+    session: Session, tenant_name: str, name: str, *, for_update: bool = False
+) -> tuple[Tenant, Adapter]:
+    tenant = TenantRepository(session).get(tenant_name)
+    if tenant is None:
+        raise not_found(f"no tenant named {tenant_name!r}")
+    adapter = AdapterRepository(session).get(tenant.id, name, for_update=for_update)
+    if adapter is None:
+        raise not_found(f"tenant {tenant_name!r} has no adapter named {name!r}")
+    return tenant, adapter
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 0
+    if token.startswith("a") and token[1:].isdigit():
+        return int(token[1:])
+    raise invalid("page_token is invalid; pass the next_page_token of a previous answer")
+
+
+def version_records(
+    session: Session, adapter: Adapter, tenant: str, versions: Sequence[AdapterVersion]
+) -> list[VersionRecord]:
+    names = BaseModelRepository(session).names()
+    loaded = AdapterRepository(session).loaded_counts([v.id for v in versions])
+    return [
+        VersionRecord(
+            tenant=tenant, name=adapter.name, version=v.number, state=v.state, rank=v.rank,
+            alpha=v.alpha, sha256=v.sha256, size_bytes=v.size_bytes, uri=v.uri,
+            base_model=names.get(v.base_model_id, ""), target_modules=tuple(v.target_modules),
+            failure_reason=v.failure_reason or "", replicas=v.replicas,
+            current=adapter.current_version_id == v.id, created_at=v.created_at,
+            retired_at=v.retired_at, num_engines_loaded=loaded.get(v.id, 0),
+        )
+        for v in versions
+    ]
+
+
+def adapter_records(
+    session: Session, rows: Sequence[tuple[Adapter, str]]
+) -> list[AdapterRecord]:
+    versions = AdapterRepository(session).versions([a.id for a, _ in rows])
+    by_adapter: dict[int, list[AdapterVersion]] = {}
+    for v in versions:
+        by_adapter.setdefault(v.adapter_id, []).append(v)
+    records = []
+    for adapter, tenant in rows:
+        own = by_adapter.get(adapter.id, [])
+        current = next((v.number for v in own if v.id == adapter.current_version_id), 0)
+        records.append(AdapterRecord(
+            tenant=tenant, name=adapter.name, current_version=current,
+            versions=tuple(version_records(session, adapter, tenant, own)),
+            created_at=adapter.created_at,
+        ))
+    return records

@@ -1,0 +1,153 @@
+"""Tenants and their API keys, and the key table that engines hold."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.exc import IntegrityError
+
+from control_plane.errors import ErrorCode, ServiceError, already_exists, not_found, precondition
+from control_plane.models import ApiKey, Tenant, TenantState
+from control_plane.records import ApiKeyRecord, NewApiKey, TenantRecord
+from control_plane.repositories.audit import AuditRepository
+from control_plane.repositories.tenants import (
+    ApiKeyRepository,
+    KeyTableGeneration,
+    TenantRepository,
+)
+from control_plane.services.common import ServiceContext, check_tenant_name
+from loraplex.keys import KeyFormatError, hash_secret, new_key, parse_key, verify_secret
+
+
+class TenantService:
+    def __init__(self, ctx: ServiceContext, default_max_adapters: int) -> None:
+        self._ctx = ctx
+        self._default_max_adapters = default_max_adapters
+
+    def create_tenant(self, name: str, max_adapters: int, actor: str) -> TenantRecord:
+        check_tenant_name(name)
+        now = self._ctx.clock()
+        try:
+            with self._ctx.sessions.begin() as session:
+                tenants = TenantRepository(session)
+                if tenants.get(name) is not None:
+                    raise already_exists(f"tenant {name!r} already exists")
+                tenant = tenants.add(name, max_adapters or self._default_max_adapters, now)
+                AuditRepository(session).record(actor, "tenant.create", name, now)
+                return _tenant_record(tenant, 0, 0)
+        except IntegrityError as exc:  # another replica created it between check and insert
+            raise already_exists(f"tenant {name!r} already exists") from exc
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._ctx.sessions.begin() as session:
+            return [_tenant_record(t, a, k) for t, a, k in TenantRepository(session).list()]
+
+    def disable_tenant(self, name: str, actor: str) -> TenantRecord:
+        now = self._ctx.clock()
+        with self._ctx.sessions.begin() as session:
+            tenants = TenantRepository(session)
+            tenant = _require_tenant(tenants, name, for_update=True)
+            if tenant.state != TenantState.DISABLED:
+                tenant.state = TenantState.DISABLED
+                tenant.disabled_at = now
+                KeyTableGeneration(session).bump()
+                AuditRepository(session).record(actor, "tenant.disable", name, now)
+            record = _tenant_record(
+                tenant, tenants.count_adapters(tenant.id), tenants.count_active_keys(tenant.id)
+            )
+        self._ctx.on_change()
+        return record
+
+    def create_api_key(self, tenant_name: str, actor: str) -> NewApiKey:
+        key_id, secret, full_key = new_key()
+        secret_hash = hash_secret(secret)  # slow on purpose: before the transaction opens
+        now = self._ctx.clock()
+        with self._ctx.sessions.begin() as session:
+            tenant = _require_tenant(TenantRepository(session), tenant_name, for_update=True)
+            if tenant.state != TenantState.ACTIVE:
+                raise precondition(f"tenant {tenant_name!r} is disabled; it cannot get new keys")
+            ApiKeyRepository(session).add(tenant.id, key_id, secret_hash, now)
+            KeyTableGeneration(session).bump()
+            AuditRepository(session).record(actor, "api_key.create", key_id, now,
+                                             {"tenant": tenant_name})
+        self._ctx.on_change()
+        return NewApiKey(key_id=key_id, secret=secret, api_key=full_key, tenant=tenant_name)
+
+    def revoke_api_key(self, key_id: str, actor: str) -> ApiKeyRecord:
+        now = self._ctx.clock()
+        with self._ctx.sessions.begin() as session:
+            found = ApiKeyRepository(session).get(key_id, for_update=True)
+            if found is None:
+                raise not_found(f"no API key with id {key_id!r}")
+            key, tenant = found
+            if key.revoked_at is None:
+                key.revoked_at = now
+                KeyTableGeneration(session).bump()
+                AuditRepository(session).record(actor, "api_key.revoke", key_id, now,
+                                                 {"tenant": tenant.name})
+            record = _key_record(key, tenant.name)
+        self._ctx.on_change()
+        return record
+
+    def list_api_keys(self, tenant_name: str) -> list[ApiKeyRecord]:
+        with self._ctx.sessions.begin() as session:
+            tenant_id = None
+            if tenant_name:
+                tenant_id = _require_tenant(TenantRepository(session), tenant_name).id
+            return [_key_record(k, n) for k, n in ApiKeyRepository(session).list(tenant_id)]
+
+    def key_table(self) -> tuple[int, list[tuple[str, str, str]]]:
+        """`(generation, [(key_id, secret_hash, tenant)])` for SyncApiKeys.
+
+        The generation is read before the keys: a change committed in between carries a
+        higher generation and is pushed again, so a table never claims a generation
+        newer than its content.
+        """
+        with self._ctx.sessions.begin() as session:
+            generation = KeyTableGeneration(session).current()
+            return generation, ApiKeyRepository(session).accepted_keys()
+
+    def authenticate(self, api_key: str) -> str:
+        """The tenant of a valid key of an active tenant; UNAUTHENTICATED otherwise."""
+        refused = ServiceError(ErrorCode.UNAUTHENTICATED, "API key is unknown or revoked")
+        try:
+            parsed = parse_key(api_key)
+        except KeyFormatError as exc:
+            raise ServiceError(ErrorCode.UNAUTHENTICATED, f"malformed API key: {exc}") from exc
+        with self._ctx.sessions.begin() as session:
+            found = ApiKeyRepository(session).get(parsed.key_id)
+        if found is None or found[0].revoked_at is not None:
+            raise refused
+        key, tenant = found
+        if tenant.state != TenantState.ACTIVE or not verify_secret(parsed.secret, key.secret_hash):
+            raise refused
+        return tenant.name
+
+    def record_key_usage(self, usage: dict[str, datetime]) -> None:
+        if not usage:
+            return
+        with self._ctx.sessions.begin() as session:
+            keys = ApiKeyRepository(session)
+            for key_id, at in sorted(usage.items()):
+                keys.record_use(key_id, at)
+
+
+def _require_tenant(tenants: TenantRepository, name: str, *, for_update: bool = False) -> Tenant:
+    tenant = tenants.get(name, for_update=for_update)
+    if tenant is None:
+        raise not_found(f"no tenant named {name!r}; create it with CreateTenant")
+    return tenant
+
+
+def _tenant_record(tenant: Tenant, num_adapters: int, num_keys: int) -> TenantRecord:
+    return TenantRecord(
+        name=tenant.name, state=tenant.state, max_adapters=tenant.max_adapters,
+        num_adapters=num_adapters, num_active_keys=num_keys, created_at=tenant.created_at,
+    )
+
+
+def _key_record(key: ApiKey, tenant: str) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=key.key_id, tenant=tenant, created_at=key.created_at,
+        revoked_at=key.revoked_at, last_used_at=key.last_used_at,
+    )

@@ -1,0 +1,1 @@
+"""Alembic migrations of the control plane's database (see control_plane.migrate)."""

@@ -1,0 +1,87 @@
+"""Run a real control plane (gRPC on a loopback port) on a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.server import RunningControlPlane, start_control_plane
+from loraplex.v1 import control_plane_pb2_grpc
+
+ADMIN_TOKEN = "test-admin-token"
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread; `run(coro)` waits for the result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class Client:
+    """ControlPlane stub whose calls carry a bearer token (the admin's unless told)."""
+
+    def __init__(self, channel: grpc.Channel, token: str | None) -> None:
+        self._stub = control_plane_pb2_grpc.ControlPlaneStub(channel)
+        self._token = token
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        rpc = getattr(self._stub, method)
+
+        def call(request: Any, timeout: float = 30) -> Any:
+            metadata = () if self._token is None else (("authorization", f"Bearer {self._token}"),)
+            return rpc(request, metadata=metadata, timeout=timeout)
+
+        return call
+
+
+@dataclass
+class ControlPlaneHandle:
+    running: RunningControlPlane
+    background: BackgroundLoop
+    channel: grpc.Channel
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def client(self, token: str | None = ADMIN_TOKEN) -> Client:
+        return Client(self.channel, token)
+
+    def reconcile(self) -> Any:
+        return self.background.run(self.running.reconciler.reconcile_once())
+
+
+@contextmanager
+def running_control_plane(config: ControlPlaneConfig) -> Iterator[ControlPlaneHandle]:
+    background = BackgroundLoop()
+    running = background.run(start_control_plane(config))
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield ControlPlaneHandle(running, background, channel)
+    finally:
+        channel.close()
+        background.run(running.stop(grace=0.5))
+        background.close()
