@@ -2,12 +2,15 @@
 
 GPU only. Usage: python bench/bench_lora_kernels.py --out bench/results/lora_kernels.json
 
-Scenarios: a decode batch of 32 tokens with 32 distinct rank-16 adapters, a
-4096-token prefill with 8 adapters (512 tokens each), and (`--scenarios mixed`) one
-512-token prefill chunk beside 31 decode tokens of other adapters. For every projection group of a
-layer (q/k/v, o, gate/up, down) it times the base GEMM, the LoRA shrink and expand of
-each form, add_lora in each form and in the form `choose_form` picks, and the torch
-reference.
+Scenarios (default: decode and prefill):
+- decode: 32 tokens with 32 distinct rank-16 adapters;
+- prefill: 4096 tokens with 8 adapters (512 tokens each);
+- mixed: one 512-token prefill chunk beside 31 decode tokens of other adapters;
+- sharedN (shared2, shared4, ...): 64 decode tokens, N per adapter, interleaved, to
+  place the SGMV/BGMV crossover.
+For every projection group of a layer (q/k/v, o, gate/up, down) it times the base GEMM,
+the LoRA shrink and expand of each form, add_lora in each form and in the form
+`choose_form` picks, and the torch reference.
 
 Timing: `triton.testing.do_bench` (median), which flushes the L2 before every run, so
 adapters come from HBM as in a real forward pass where the base weights evict them.
@@ -52,6 +55,9 @@ def scenario_slots(name: str) -> tuple[list[int], int]:
         return [s for s in range(8) for _ in range(512)], 8
     if name == "mixed":  # one 512-token prefill chunk beside 31 decode tokens
         return [0] * 512 + list(range(1, 32)), 32
+    if name.startswith("shared"):  # e.g. shared4: 64 decode tokens, 4 per adapter
+        per_adapter = int(name.removeprefix("shared"))
+        return [t % (64 // per_adapter) for t in range(64)], 64 // per_adapter
     raise ValueError(f"unknown scenario {name!r}")
 
 

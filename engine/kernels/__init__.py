@@ -1,7 +1,8 @@
 """Multi-LoRA kernels (Triton SGMV/BGMV with plain-torch references) for projection groups."""
 
 from engine.kernels.lora_ops import (
-    SGMV_MIN_SEGMENT,
+    SGMV_LONG_SEGMENT,
+    SGMV_MIN_AVG_SEGMENT,
     add_lora,
     choose_form,
     default_backend,
@@ -14,7 +15,8 @@ from engine.kernels.meta import MAX_SLICES, NO_SLOT, LoraKernelMeta, build_meta
 __all__ = [
     "MAX_SLICES",
     "NO_SLOT",
-    "SGMV_MIN_SEGMENT",
+    "SGMV_LONG_SEGMENT",
+    "SGMV_MIN_AVG_SEGMENT",
     "LoraKernelMeta",
     "add_lora",
     "build_meta",

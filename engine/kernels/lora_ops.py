@@ -24,11 +24,14 @@ from engine.kernels.meta import MAX_SLICES, LoraKernelMeta
 Form = Literal["sgmv", "bgmv"]
 Backend = Literal["triton", "torch"]
 
-# SGMV pays off once some adapter has this many tokens in the batch: its token tile then
-# reads that adapter's A/B once for many tokens, where BGMV re-reads them per token.
-# Below it (decode: one token per request, mostly distinct adapters) BGMV avoids padding
-# single tokens up to a 16-row tensor-core tile. Set from bench/bench_lora_kernels.py.
-SGMV_MIN_SEGMENT = 8
+# SGMV reads an adapter's A/B once per tile of its tokens, where BGMV re-reads them per
+# token; BGMV in turn never pads a lone token up to a 16-row tensor-core tile. Measured
+# on an H200 at Llama-8B shapes (bench/bench_lora_kernels.py, device time per group):
+# 1 token per adapter: BGMV 15-27 us vs SGMV 17-37; 2: even; 4: SGMV 17-26 vs BGMV 21-33;
+# one 512-token chunk beside 31 single tokens: SGMV 26-81 vs BGMV 52-200; a 4096-token
+# prefill: SGMV 44-180 vs BGMV 260-1310.
+SGMV_MIN_AVG_SEGMENT = 3  # tokens per adapter, on average over the batch
+SGMV_LONG_SEGMENT = 128  # one prefill chunk this long outweighs many lone tokens
 
 
 def triton_available() -> bool:
@@ -41,8 +44,13 @@ def default_backend(device: torch.device | str) -> Backend:
 
 
 def choose_form(meta: LoraKernelMeta) -> Form:
-    """SGMV when some segment has at least `SGMV_MIN_SEGMENT` tokens, else BGMV."""
-    return "sgmv" if meta.max_seg_len >= SGMV_MIN_SEGMENT else "bgmv"
+    """SGMV when adapters average `SGMV_MIN_AVG_SEGMENT` tokens in the batch or one has a
+    `SGMV_LONG_SEGMENT`-token run (prefill, mixed batches); BGMV otherwise (decode)."""
+    if meta.num_segments == 0:
+        return "bgmv"
+    if meta.max_seg_len >= SGMV_LONG_SEGMENT:
+        return "sgmv"
+    return "sgmv" if meta.num_active >= SGMV_MIN_AVG_SEGMENT * meta.num_segments else "bgmv"
 
 
 def _check_slices(slice_offsets: Sequence[int], n_slices: int, total_out: int) -> None:

@@ -167,8 +167,13 @@ def _block_m(meta: LoraKernelMeta, device: torch.device) -> int:
 
 def num_tiles(meta: LoraKernelMeta, block_m: int) -> int:
     """Token tiles of `block_m` rows over all segments (a tile never spans two)."""
-    starts = meta.seg_starts_host
-    return sum(cdiv(b - a, block_m) for a, b in zip(starts[:-1], starts[1:], strict=True))
+    key = ("sgmv_tiles", block_m)
+    tiles = meta.launch_cache.get(key)
+    if tiles is None:
+        starts = meta.seg_starts_host
+        pairs = zip(starts[:-1], starts[1:], strict=True)
+        tiles = meta.launch_cache[key] = sum(cdiv(b - a, block_m) for a, b in pairs)
+    return tiles
 
 
 def shrink_config(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraKernelMeta) -> LaunchConfig:

@@ -87,6 +87,10 @@ CASES = [
     Case("gate_up_long", 48, (40, 24), 32, (32, 1), _scattered([0, 0, 0, 0, 0, 0, -1, 1], 75, 2)),
     # Ranks up to 128 (r_max 128), several rank blocks per slice in the shrink.
     Case("big_rank", 64, (32, 32, 16), 128, (128, 33, 64), _scattered([0, 1, -1, 1], 20, 3)),
+    # More segments than one 16-wide vector of segment starts holds.
+    Case(
+        "many_segments", 32, (16, 8), 8, tuple(range(1, 9)) * 3, _scattered([-1, *range(23)], 50, 4)
+    ),
     Case("one_token", 32, (16, 16, 16), 16, (7, 3), (1,)),
     Case("all_base", 32, (16, 16), 16, (7, 3), (-1, -1, -1)),
 ]
@@ -210,7 +214,9 @@ def test_build_meta_groups_tokens_by_slot() -> None:
 
 def test_choose_form_prefers_bgmv_for_decode() -> None:
     assert choose_form(build_meta(list(range(16)), [8] * 16, "cpu")) == "bgmv"
-    assert choose_form(build_meta([0] * 40 + [1, 2], [8] * 3, "cpu")) == "sgmv"
+    assert choose_form(build_meta([0, 1] * 8, [8] * 2, "cpu")) == "sgmv"  # 8 per adapter
+    assert choose_form(build_meta([0] * 200 + list(range(1, 100)), [8] * 100, "cpu")) == "sgmv"
+    assert choose_form(build_meta([-1, -1], [8], "cpu")) == "bgmv"
 
 
 def test_rejects_bad_slice_offsets() -> None:
