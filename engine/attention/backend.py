@@ -4,14 +4,16 @@ A backend `attend(q, k, v, kv_layer, meta, scale) -> out` first stores the new k
 `meta.slot_mapping` in `kv_layer`, then attends every new token causally to its own
 sequence's cached context (see `AttentionMetadata`).
 
-Where faster backends plug in: `select_backend` is the only place that chooses. A
-flash-attn backend (varlen prefill via `meta.query_start_loc_tensor`, paged decode via
-`meta.block_tables` / `meta.context_lens_tensor`) and a Triton paged-decode kernel go
-in sibling modules with the same signature, selected here when importable on CUDA.
+`select_backend` is the only place that chooses: on CUDA with Triton installed, the
+Triton paged-decode kernel for decode tokens plus SDPA for prefill chunks
+(`triton_backend.attend_triton`); everywhere else the torch reference. A flash-attn
+backend would plug in here the same way.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Protocol
 
 import torch
@@ -34,7 +36,23 @@ class AttentionBackend(Protocol):
         ...
 
 
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def select_backend(device: torch.device | str) -> AttentionBackend:
-    """The best backend available for `device`; today the torch reference everywhere."""
-    del device  # every device uses the reference until the CUDA backends land
+    """The best backend available for `device`: Triton decode on CUDA, else the reference."""
+    if torch.device(device).type == "cuda" and _triton_available():
+        # Imported here: a CPU engine never compiles (or even imports) Triton kernels.
+        from engine.attention.triton_backend import attend_triton
+
+        return attend_triton
     return attend_torch
+
+
+def supports_decode_graphs(backend: AttentionBackend) -> bool:
+    """Whether `backend` can run in a captured CUDA graph on
+    `AttentionMetadata.for_decode_graph` (it must read decode lengths from the device)."""
+    # If `backend` is the Triton one, its module is already imported: no import here.
+    module = sys.modules.get("engine.attention.triton_backend")
+    return module is not None and backend is module.attend_triton

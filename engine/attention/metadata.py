@@ -39,6 +39,7 @@ class AttentionMetadata:
     decode_token_index: Tensor  # [num_decode] long: flat index of each decode token
     decode_block_tables: Tensor  # [num_decode, num_decode_blocks] long
     decode_key_mask: Tensor  # [num_decode, 1, 1, num_decode_blocks*block_size] bool
+    decode_context_lens: Tensor  # [num_decode] int32
 
     @property
     def num_tokens(self) -> int:
@@ -119,4 +120,45 @@ class AttentionMetadata:
                 len(decode_seqs), num_decode_blocks
             ),
             decode_key_mask=decode_mask.view(len(decode_seqs), 1, 1, key_pos.numel()).to(device),
+            decode_context_lens=on_device(decode_ctx, torch.int32),
+        )
+
+    @classmethod
+    def for_decode_graph(
+        cls,
+        block_size: int,
+        slot_mapping: Tensor,  # [B] long
+        positions: Tensor,  # [B] long
+        block_tables: Tensor,  # [B, max_blocks_per_seq] int32
+        context_lens: Tensor,  # [B] int32
+        max_context_len: int,
+    ) -> AttentionMetadata:
+        """A decode-only layout over static device buffers, for a captured CUDA graph.
+
+        Sequence b owns token b. The tensors are the caller's buffers, refilled before
+        every replay; the host fields hold only what is true of every replay (the
+        layout) or a bound (`max_context_len`), and `context_lens` is a placeholder.
+        Only backends that read decode lengths and tables from device memory may run
+        on it (`engine.attention.backend.supports_decode_graphs`): `decode_key_mask`
+        is empty.
+        """
+        num_seqs = int(slot_mapping.shape[0])
+        device = slot_mapping.device
+        return cls(
+            block_size=block_size,
+            query_start_loc=tuple(range(num_seqs + 1)),
+            context_lens=(max_context_len,) * num_seqs,
+            max_context_len=max_context_len,
+            max_query_len=1,
+            prefill_seqs=(),
+            decode_seqs=tuple(range(num_seqs)),
+            slot_mapping=slot_mapping,
+            positions=positions,
+            block_tables=block_tables,
+            context_lens_tensor=context_lens,
+            query_start_loc_tensor=torch.arange(num_seqs + 1, dtype=torch.int32, device=device),
+            decode_token_index=torch.arange(num_seqs, dtype=torch.long, device=device),
+            decode_block_tables=block_tables,
+            decode_key_mask=torch.empty(num_seqs, 1, 1, 0, dtype=torch.bool, device=device),
+            decode_context_lens=context_lens,
         )

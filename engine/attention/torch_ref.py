@@ -30,13 +30,26 @@ def attend_torch(
     """q `[T, H, D]`, k/v `[T, KVH, D]` -> `[T, H, D]`; writes k/v into the cache first."""
     write_kv(kv_layer, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
-    for seq in meta.prefill_seqs:
-        start, end = meta.query_start_loc[seq], meta.query_start_loc[seq + 1]
-        out[start:end] = _prefill_one(q, k, v, kv_layer, meta, seq, scale)
+    attend_prefill(q, k, v, kv_layer, meta, scale, out)
     if meta.decode_seqs:
         q_decode = q.index_select(0, meta.decode_token_index)
         out.index_copy_(0, meta.decode_token_index, _decode_all(q_decode, kv_layer, meta, scale))
     return out
+
+
+def attend_prefill(
+    q: Tensor,  # [T, H, D]
+    k: Tensor,  # [T, KVH, D]
+    v: Tensor,  # [T, KVH, D]
+    kv_layer: Tensor,  # [2, num_blocks, block_size, KVH, D], new k/v already written
+    meta: AttentionMetadata,
+    scale: float,
+    out: Tensor,  # [T, H, D]
+) -> None:
+    """Fill the rows of `out` of every prefill chunk (decode rows are left alone)."""
+    for seq in meta.prefill_seqs:
+        start, end = meta.query_start_loc[seq], meta.query_start_loc[seq + 1]
+        out[start:end] = _prefill_one(q, k, v, kv_layer, meta, seq, scale)
 
 
 def _prefill_one(
