@@ -30,7 +30,7 @@ def hf_greedy(
 ) -> list[int]:
     """Greedy tokens by plain argmax over full forwards with a KV cache (no generate()
     heuristics), stopping after an EOS token if eos_ids is given."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = model(input_ids=ids, use_cache=True)
     tokens: list[int] = []
     for _ in range(max_new_tokens):
@@ -39,6 +39,8 @@ def hf_greedy(
         if token in eos_ids:
             break
         out = model(
-            input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+            input_ids=torch.tensor([[token]], device=model.device),
+            past_key_values=out.past_key_values,
+            use_cache=True,
         )
     return tokens

@@ -34,9 +34,17 @@ def default_model_dir() -> Path:
     return ensure_default_model(Path(cache))
 
 
-def make_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
+def tokenizer_source_dir() -> Path:
+    """Where the SmolLM2 tokenizer files come from: $LORAPLEX_TEST_TOKENIZER_DIR (a GPU
+    machine without the gguf package carries them there), else the default model."""
+    carried = os.environ.get("LORAPLEX_TEST_TOKENIZER_DIR")
+    return Path(carried) if carried else default_model_dir()
+
+
+def make_tiny_model(kind: str, folder: Path, seed: int = 0, **sizes: int) -> Path:
     """Save a random tiny model of `kind` (one of TINY_KINDS) plus the SmolLM2 tokenizer
-    into `folder`; weights are non-trivial (random norms and Qwen2 biases)."""
+    into `folder`; weights are non-trivial (random norms and Qwen2 biases). `sizes`
+    override the shape fields (hidden_size, num_attention_heads, ...)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -50,6 +58,7 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
         initializer_range=0.05,
         max_position_embeddings=1024,
     )
+    common.update(sizes)
     if kind == "llama31":
         config = LlamaConfig(
             num_hidden_layers=3,
@@ -89,7 +98,7 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
                 param.copy_(0.5 * torch.randn_like(param))
     folder = Path(folder)
     model.save_pretrained(str(folder), safe_serialization=True)
-    source = default_model_dir()
+    source = tokenizer_source_dir()
     for name in _TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)

@@ -1,0 +1,56 @@
+"""The engine's one frozen configuration, built once in `main()` from flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: Path
+    device: str = "cpu"  # resolved: "cpu" or "cuda[:N]"
+    dtype: str = "float32"  # resolved: float32 | bfloat16 | float16
+    host: str = "127.0.0.1"
+    port: int = 50051
+    block_size: int = 16
+    # KV cache capacity: on CUDA a fraction of the memory free after loading the
+    # model and adapter slots; on the CPU a number of tokens.
+    gpu_memory_fraction: float = 0.85
+    kv_cache_tokens: int = 16384
+    max_model_len: int = 0  # 0 = the model's own limit, capped by the KV cache
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    default_max_new_tokens: int = 256
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 64
+    adapter_dir: Path | None = None  # preloaded: every folder under it, folder name = id
+    adapter_roots: tuple[Path, ...] = ()  # LoadAdapter may read only under these
+    lora_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
+    # Decode steps replay captured CUDA graphs (CUDA only; costs a few seconds at start
+    # and one KV block reserved as scratch for padding rows).
+    cuda_graphs: bool = True
+    admin_token: str = ""  # required by EngineAdmin when set
+    control_plane: str = ""  # host:port of the control plane, "" = standalone
+    advertise: str = ""  # address the control plane should dial back
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if requested not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {requested!r}")
+    return requested

@@ -1,0 +1,162 @@
+"""The engine loop: one thread that schedules, runs and streams, step after step.
+
+gRPC handlers talk to it only through `submit`, `abort` and `forget_adapter`, which
+post to an inbox read between steps; so a cancel takes effect within one step and
+the loop's state is touched by one thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.output_processor import RequestStream
+from engine.request import EngineRequest, FinishReason, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampling import make_generator
+from engine.scheduler import Scheduler, Sequence
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+AdapterWeightsSource = Callable[[str], object]  # adapter_id -> LoraWeights
+ReleaseAdapter = Callable[[str], None]  # called once per finished request with an adapter
+
+
+@dataclass
+class _Live:
+    stream: RequestStream
+    generator: torch.Generator
+
+
+class Engine:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        adapter_weights: AdapterWeightsSource | None = None,
+        release_adapter: ReleaseAdapter | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self._adapter_weights = adapter_weights
+        self._release_adapter = release_adapter
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._live: dict[str, _Live] = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.steps = 0
+
+    # -- called from other threads -------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(("stop",))
+        self._thread.join(timeout=30)
+
+    def submit(self, request: EngineRequest, emit: Callable[[RequestOutput], None]) -> None:
+        self._inbox.put(("add", request, emit))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        """The adapter left the engine: free its slot once its requests are done."""
+        self._inbox.put(("forget", adapter_id))
+
+    # -- the loop ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            if not self._drain(block=not self.scheduler.has_work()):
+                return
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                continue
+            failed = self._load_slots(batch.slot_loads)
+            if failed:
+                continue  # those requests were failed; reschedule the rest
+            live = [self._live[s.request_id] for s in batch.seqs]
+            try:
+                sampled = self.runner.execute(
+                    batch,
+                    [entry.stream.request.params for entry in live],
+                    [entry.generator for entry in live],
+                )
+            except Exception:  # a bug or a device fault: fail this batch, keep serving
+                log.exception("model step failed; failing the %d requests in it", len(live))
+                for item in batch.seqs:
+                    self._end(item.request_id, FinishReason.ERROR, "the model step failed")
+                continue
+            self.steps += 1
+            self.scheduler.on_step_done(batch, sampled)
+            for request_id, token in sampled.items():
+                reason = self._live[request_id].stream.on_token(token)
+                if reason is not None:
+                    self._end(request_id, reason)
+
+    def _drain(self, block: bool) -> bool:
+        """Applies inbox messages; returns False when asked to stop."""
+        while True:
+            try:
+                message = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                if block:
+                    continue
+                return True
+            block = False
+            kind = message[0]
+            if kind == "stop":
+                for request_id in list(self._live):
+                    self._end(request_id, FinishReason.CANCELLED, "the engine is shutting down")
+                return False
+            if kind == "add":
+                self._add(message[1], message[2])
+            elif kind == "abort" and message[1] in self._live:
+                self._end(message[1], FinishReason.CANCELLED)
+            elif kind == "forget":
+                self.scheduler.slots.forget(message[1])
+
+    def _add(self, request: EngineRequest, emit: Callable[[RequestOutput], None]) -> None:
+        stream = RequestStream(request, self.tokenizer, emit)
+        # A CPU generator per request: its draws cost no device launches.
+        generator = make_generator(request.params.seed, "cpu")
+        self._live[request.request_id] = _Live(stream, generator)
+        self.scheduler.add(
+            Sequence(
+                request.request_id,
+                list(request.prompt_token_ids),
+                adapter_id=request.adapter_id,
+                tenant=request.tenant,
+            )
+        )
+
+    def _load_slots(self, slot_loads: tuple[tuple[int, str], ...]) -> bool:
+        """Copies newly assigned adapters into their slots; fails the requests of any
+        adapter that cannot be read. Returns True if something failed."""
+        failed = False
+        for slot, adapter_id in slot_loads:
+            try:
+                self.runner.load_adapter(slot, self._adapter_weights(adapter_id))
+            except Exception as exc:
+                log.exception("adapter %s could not be loaded into slot %d", adapter_id, slot)
+                failed = True
+                for request_id, entry in list(self._live.items()):
+                    if entry.stream.request.adapter_id == adapter_id:
+                        self._end(request_id, FinishReason.ERROR, f"adapter {adapter_id}: {exc}")
+                self.scheduler.slots.forget(adapter_id)
+        return failed
+
+    def _end(self, request_id: str, reason: FinishReason, error: str = "") -> None:
+        entry = self._live.pop(request_id)
+        entry.stream.abort(reason, error)  # no-op when the stream already finished
+        self.scheduler.finish(request_id)
+        adapter_id = entry.stream.request.adapter_id
+        if adapter_id is not None and self._release_adapter is not None:
+            self._release_adapter(adapter_id)

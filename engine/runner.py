@@ -1,0 +1,99 @@
+"""Turns a scheduled batch into tensors, runs the model, samples.
+
+The scheduler hands over plain data (`ScheduledBatch`); this module is where it meets
+the device: one flat token batch, attention metadata, per-token adapter slots. On CUDA
+a decode-only step replays a captured graph when one fits (`engine.cuda_graphs`);
+every other step (prefill, mixed, CPU, or too large) runs the model eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache import KVCache
+from engine.lora.applier import MultiLoraApplier
+from engine.lora.slot_pool import LoraSlotPool
+from engine.model.llama import LlamaModel
+from engine.sampling import SamplingParams, sample
+from engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: KVCache,
+        lora_pool: LoraSlotPool | None = None,
+        lora_backend: str = "torch",
+        decode_graphs: DecodeGraphs | None = None,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = model.device
+        self.lora_pool = lora_pool
+        self.lora_backend = lora_backend
+        self.decode_graphs = decode_graphs
+
+    def load_adapter(self, slot: int, weights: object) -> None:
+        """Copies an adapter's weights into a device slot (asynchronously on CUDA)."""
+        if self.lora_pool is None:
+            raise RuntimeError("this engine was started without adapter slots")
+        self.lora_pool.load_into_slot(slot, weights)
+
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+    ) -> dict[str, int]:
+        """Runs one step; returns the sampled token of each sequence that needed one."""
+        logits = None
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(batch.seqs)
+        if logits is None:
+            logits = self._forward(batch)  # [num_sampled, vocab] float32
+        sampled_rows = [i for i, s in enumerate(batch.seqs) if s.needs_logits]
+        if not sampled_rows:
+            return {}
+        tokens = sample(
+            logits,
+            [params[i] for i in sampled_rows],
+            [generators[i] for i in sampled_rows],
+        )
+        return {batch.seqs[i].request_id: t for i, t in zip(sampled_rows, tokens, strict=True)}
+
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The eager forward: logits `[num_sampled, vocab]` float32 of the rows that sample."""
+        input_ids: list[int] = []
+        token_slots: list[int] = []
+        logits_indices: list[int] = []
+        for item in batch.seqs:
+            input_ids.extend(item.token_ids)
+            token_slots.extend([item.adapter_slot] * len(item.token_ids))
+            if item.needs_logits:
+                logits_indices.append(len(input_ids) - 1)
+        meta = AttentionMetadata.build(
+            query_lens=[len(s.token_ids) for s in batch.seqs],
+            context_lens=[s.start_position + len(s.token_ids) for s in batch.seqs],
+            block_tables=[s.block_table for s in batch.seqs],
+            block_size=self.kv_cache.block_size,
+            device=self.device,
+        )
+        return self.model(
+            torch.tensor(input_ids, dtype=torch.long).to(self.device),
+            meta.positions,
+            meta,
+            self.kv_cache,
+            self._lora_for(token_slots),
+            torch.tensor(logits_indices, dtype=torch.long).to(self.device),
+        )
+
+    def _lora_for(self, token_slots: list[int]) -> MultiLoraApplier | None:
+        if self.lora_pool is None or max(token_slots) < 0:
+            return None  # a batch of base-model rows pays nothing for LoRA
+        self.lora_pool.wait_pending()
+        return MultiLoraApplier(self.lora_pool, token_slots, self.lora_backend)

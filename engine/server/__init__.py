@@ -1,0 +1,1 @@
+"""The engine's gRPC servers: Inference (token path) and EngineAdmin (residency)."""

@@ -1,0 +1,233 @@
+"""Builds an engine from its config and serves it over gRPC.
+
+`build_engine` wires the parts (model, KV cache, scheduler, runner, adapters, keys);
+`serve` puts the Inference and EngineAdmin servicers, health and reflection on one
+grpc.aio server and, under a control plane, keeps the engine registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.attention import supports_decode_graphs
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.engine import Engine
+from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
+from engine.lora.registry import AdapterRegistry
+from engine.lora.slot_pool import LoraSlotPool
+from engine.model.config import ModelConfig
+from engine.model.loader import load_model, model_fingerprint
+from engine.runner import ModelRunner
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.server.admin import EngineAdminServicer
+from engine.server.auth import ApiKeyTable
+from engine.server.control_link import ControlLinkConfig, run_control_link
+from engine.server.inference import InferenceServicer
+from engine.server.validation import RequestLimits
+from engine.tokenizer import Tokenizer
+from loraplex.v1 import engine_admin_pb2, engine_admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    config: EngineConfig
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    engine: Engine
+    adapters: AdapterRegistry
+    keys: ApiKeyTable
+    limits: RequestLimits
+    fingerprint: str
+    boot_id: str
+
+    def info(self) -> engine_admin_pb2.EngineInfo:
+        scheduler = self.engine.scheduler
+        return engine_admin_pb2.EngineInfo(
+            boot_id=self.boot_id,
+            model_name=self.model_config.name,
+            model_fingerprint=self.fingerprint,
+            max_loras=self.config.max_loras,
+            max_lora_rank=self.config.max_lora_rank,
+            max_cpu_loras=self.config.max_cpu_loras,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            kv_blocks_total=scheduler.blocks.num_blocks,
+            kv_blocks_free=scheduler.blocks.num_free_blocks,
+            kv_block_size=self.config.block_size,
+            max_model_len=self.limits.max_model_len,
+            running_requests=scheduler.num_running,
+            waiting_requests=scheduler.num_waiting,
+            num_adapters=len(self.adapters.list()),
+            architecture=self.model_config.architecture,
+        )
+
+
+def build_engine(config: EngineConfig) -> EngineParts:
+    dtype = getattr(torch, config.dtype)
+    model = load_model(config.model_path, dtype=dtype, device=config.device)
+    model_config = model.config
+    tokenizer = Tokenizer(config.model_path)
+    pool = LoraSlotPool(model_config, config.max_loras, config.max_lora_rank, dtype, config.device)
+    kv_cache = KVCache(
+        model_config,
+        _num_kv_blocks(config, model_config, dtype),
+        config.block_size,
+        dtype,
+        config.device,
+    )
+    # With CUDA graphs the last KV block is scratch for the padding rows of a replayed
+    # decode bucket; the scheduler's allocator is given every block but that one.
+    use_graphs = (
+        config.cuda_graphs
+        and config.device.startswith("cuda")
+        and supports_decode_graphs(model.attend)
+        and kv_cache.num_blocks > 1
+    )
+    num_blocks = kv_cache.num_blocks - (1 if use_graphs else 0)
+    capacity = num_blocks * config.block_size
+    max_model_len = min(
+        config.max_model_len or model_config.max_position_embeddings,
+        model_config.sliding_window or capacity,
+        capacity,
+    )
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=min(config.max_num_batched_tokens, capacity),
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            max_loras=config.max_loras,
+        )
+    )
+    lora_backend = config.lora_backend
+    if lora_backend == "auto":
+        lora_backend = "triton" if config.device.startswith("cuda") else "torch"
+    roots = config.adapter_roots
+    if config.adapter_dir is not None and roots:
+        roots = (*roots, config.adapter_dir)
+    adapters = AdapterRegistry(
+        model_config,
+        max_rank=config.max_lora_rank,
+        max_cpu_loras=config.max_cpu_loras,
+        adapter_roots=roots,
+        pin_memory=config.device.startswith("cuda"),
+        # An adapter that really left (evicted, last request done) frees its slot.
+        # `engine` is bound below, before any adapter can be dropped.
+        on_drop=lambda adapter_id: engine.forget_adapter(adapter_id),
+    )
+    graphs = None
+    if use_graphs:
+        graphs = DecodeGraphs(
+            model,
+            kv_cache,
+            pool,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=max_model_len,
+            pad_block=kv_cache.num_blocks - 1,
+            lora_graphs=lora_backend == "triton",
+        )
+        graphs.capture()  # at start, so no request waits on a capture
+    engine = Engine(
+        scheduler,
+        ModelRunner(model, kv_cache, pool, lora_backend, graphs),
+        tokenizer,
+        adapter_weights=adapters.weights,
+        release_adapter=adapters.release,
+    )
+    if config.adapter_dir is not None:
+        for folder in sorted(p for p in Path(config.adapter_dir).iterdir() if p.is_dir()):
+            adapters.load(folder.name, str(folder))
+            log.info("preloaded adapter %s", folder.name)
+    return EngineParts(
+        config=config,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        engine=engine,
+        adapters=adapters,
+        keys=ApiKeyTable(enforcing=bool(config.control_plane)),
+        limits=RequestLimits(model_config.vocab_size, max_model_len, config.default_max_new_tokens),
+        fingerprint=model_fingerprint(model_config, config.model_path),
+        boot_id=uuid.uuid4().hex,
+    )
+
+
+def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    if not config.device.startswith("cuda"):
+        return max(1, config.kv_cache_tokens // config.block_size)
+    free, _total = torch.cuda.mem_get_info(torch.device(config.device))
+    budget = int(free * config.gpu_memory_fraction)
+    blocks = num_blocks_for_bytes(model_config, config.block_size, dtype, budget)
+    if blocks == 0:
+        need = bytes_per_block(model_config, config.block_size, dtype)
+        raise RuntimeError(f"no GPU memory left for the KV cache ({budget} bytes < {need})")
+    return blocks
+
+
+async def serve(
+    config: EngineConfig,
+    on_ready: Callable[[int], None] | None = None,
+    parts: EngineParts | None = None,
+) -> None:
+    """Serves until cancelled. `on_ready(port)` runs once the port is bound."""
+    parts = parts or await asyncio.to_thread(build_engine, config)
+    parts.engine.start()
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(parts.engine, parts.tokenizer, parts.limits, parts.adapters, parts.keys),
+        server,
+    )
+    engine_admin_pb2_grpc.add_EngineAdminServicer_to_server(
+        EngineAdminServicer(
+            parts.engine, parts.adapters, parts.keys, parts.info, config.admin_token
+        ),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (
+        inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+        engine_admin_pb2.DESCRIPTOR.services_by_name["EngineAdmin"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    for name in ("", *services[:2]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("engine serving on %s:%d", config.host, port)
+    link = None
+    if config.control_plane:
+        link = asyncio.create_task(
+            run_control_link(
+                ControlLinkConfig(
+                    control_plane=config.control_plane,
+                    advertise=config.advertise or f"{config.host}:{port}",
+                    admin_token=config.admin_token,
+                ),
+                parts.info,
+                key_table=parts.keys,  # heartbeats report when each key was last used
+            )
+        )
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await server.wait_for_termination()
+    finally:
+        if link is not None:
+            link.cancel()
+        await server.stop(grace=1)
+        parts.engine.stop()
