@@ -1,0 +1,204 @@
+"""The `loraplex` command. Flags and LORAPLEX_* environment variables are read here
+and nowhere else; each subcommand builds its component's frozen config and runs it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from control_plane.cli import add_commands as add_control_plane_commands
+from engine.config import EngineConfig, resolve_device, resolve_dtype
+from loraplex.up import add_command as add_up_command
+
+
+def default_cache_dir() -> Path:
+    return Path(
+        os.environ.get("LORAPLEX_CACHE_DIR", Path.home() / ".cache" / "loraplex" / "models")
+    )
+
+
+def resolve_model_path(model: str, cache_dir: Path) -> Path:
+    """`default` is the bundled SmolLM2-135M-Instruct, converted once into cache_dir."""
+    if model != "default":
+        return Path(model)
+    from engine.model.default_model import ensure_default_model
+
+    return ensure_default_model(cache_dir, progress=lambda msg: print(msg, file=sys.stderr))
+
+
+def _engine_serve(args: argparse.Namespace) -> int:
+    from engine.server.app import build_engine, serve
+
+    try:
+        config = _engine_config(args)
+        parts = build_engine(config)
+    except (ValueError, RuntimeError, OSError) as exc:  # bad flags, model folder or adapter
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(port: int) -> None:
+        print(
+            f"loraplex engine ready on {config.host}:{port} "
+            f"({config.model_path.name}, {config.device}, {config.dtype})",
+            flush=True,
+        )
+
+    try:
+        asyncio.run(serve(config, on_ready=ready, parts=parts))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    device = resolve_device(args.device)
+    return EngineConfig(
+        model_path=resolve_model_path(args.model, Path(args.cache_dir)),
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        host=args.host,
+        port=args.port,
+        block_size=args.block_size,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
+        adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
+        adapter_roots=tuple(Path(p).resolve() for p in args.adapter_root),
+        lora_backend=args.lora_backend,
+        cuda_graphs=not args.no_cuda_graphs,
+        admin_token=args.admin_token,
+        control_plane=args.control_plane,
+        advertise=args.advertise,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from loraplex.v1 import inference_pb2, inference_pb2_grpc
+
+    request = inference_pb2.GenerateRequest(adapter=args.adapter)
+    if args.chat:
+        request.chat.messages.add(role="user", content=args.prompt)
+    else:
+        request.text = args.prompt
+    request.sampling.max_new_tokens = args.max_new_tokens
+    request.sampling.temperature = args.temperature
+    if args.seed is not None:
+        request.sampling.seed = args.seed
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    with grpc.insecure_channel(args.target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        try:
+            for response in stub.Generate(request, metadata=metadata):
+                print(response.text, end="", flush=True)
+                if response.finish_reason:
+                    reason = inference_pb2.FinishReason.Name(response.finish_reason)
+                    print(
+                        f"\n[{reason.removeprefix('FINISH_REASON_').lower()}: "
+                        f"{response.usage.prompt_tokens} prompt + "
+                        f"{response.usage.completion_tokens} completion tokens]",
+                        file=sys.stderr,
+                    )
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
+    engine = subparsers.add_parser("engine", help="run an inference engine")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    serve = engine_sub.add_parser("serve", help="serve a model over gRPC")
+    serve.add_argument(
+        "--model",
+        default="default",
+        help="a Hugging Face safetensors folder, or 'default' (SmolLM2-135M-Instruct)",
+    )
+    serve.add_argument("--cache-dir", default=str(default_cache_dir()))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    serve.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=0.85,
+        help="share of free GPU memory for the KV cache",
+    )
+    serve.add_argument(
+        "--kv-cache-tokens", type=int, default=16384, help="KV cache capacity in tokens on the CPU"
+    )
+    serve.add_argument("--max-model-len", type=int, default=0)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    serve.add_argument("--default-max-new-tokens", type=int, default=256)
+    serve.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
+    serve.add_argument("--max-lora-rank", type=int, default=64)
+    serve.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in host memory")
+    serve.add_argument("--adapter-dir", default="", help="preload every adapter folder under DIR")
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[p for p in os.environ.get("LORAPLEX_ADAPTER_ROOTS", "").split(":") if p],
+        help="LoadAdapter may read only under these folders (repeatable)",
+    )
+    serve.add_argument("--lora-backend", default="auto", help="auto | triton | torch")
+    serve.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    serve.add_argument("--admin-token", default=os.environ.get("LORAPLEX_ADMIN_TOKEN", ""))
+    serve.add_argument(
+        "--control-plane",
+        default=os.environ.get("LORAPLEX_CONTROL_PLANE", ""),
+        help="HOST:PORT of the control plane to register with",
+    )
+    serve.add_argument("--advertise", default="", help="HOST:PORT the control plane dials back")
+    serve.set_defaults(func=_engine_serve)
+
+    gen = subparsers.add_parser("generate", help="stream a completion from an engine")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default="127.0.0.1:50051")
+    gen.add_argument("--adapter", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    gen.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY", ""))
+    gen.set_defaults(func=_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_engine_commands(subparsers)
+    add_control_plane_commands(subparsers)
+    add_up_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

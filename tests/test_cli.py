@@ -1,0 +1,99 @@
+"""The `loraplex` command as a user runs it: a subprocess against real servers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from engine.config import EngineConfig
+from tests.engine_server import running_engine
+
+LORAPLEX = [sys.executable, "-m", "loraplex.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_generate_streams_to_the_terminal(tiny_llama31_path):
+    config = EngineConfig(model_path=tiny_llama31_path, port=0, kv_cache_tokens=1024)
+    with running_engine(config) as running:
+        done = subprocess.run(
+            [
+                *LORAPLEX,
+                "generate",
+                "--target",
+                f"127.0.0.1:{running.port}",
+                "--max-new-tokens",
+                "5",
+                "--chat",
+                "Hello there",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        unknown = subprocess.run(
+            [
+                *LORAPLEX,
+                "generate",
+                "--target",
+                f"127.0.0.1:{running.port}",
+                "--adapter",
+                "nobody/nothing",
+                "Hello",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert "prompt +" in done.stderr and "5 completion tokens" in done.stderr
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+
+
+def test_engine_refuses_a_malformed_model_folder_with_a_sentence(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    done = subprocess.run(
+        [*LORAPLEX, "engine", "serve", "--model", str(tmp_path), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "GPT2LMHeadModel" in done.stderr and "not supported" in done.stderr
+
+
+@pytest.mark.slow
+def test_up_starts_the_stack_and_streams_with_and_without_an_adapter(tmp_path):
+    done = subprocess.run(
+        [
+            *LORAPLEX,
+            "up",
+            "--demo-only",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(tmp_path),
+            "--control-plane-port",
+            str(free_port()),
+            "--engine-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "adapter placed on the engine" in done.stdout
+    assert "[adapter: demo/example]" in done.stdout
+    assert "stack up:" in done.stdout
+    answers = [block.split("\n", 1)[1].strip() for block in done.stdout.split("\n> ")[1:]]
+    assert len(answers) == 2 and all(answers)
+    assert answers[0] != answers[1]  # the adapter changes the answer
