@@ -95,7 +95,8 @@ def desired_placements(
     # All-engine versions first: they fix the load that N-replica versions balance against.
     for spec in sorted(ordered, key=lambda v: v.replicas != 0):
         eligible = [
-            e for e in by_model.get(spec.base_model_id, [])
+            e
+            for e in by_model.get(spec.base_model_id, [])
             if not _failed_for_good(placements.get((spec.version_id, e)))
         ]
         if spec.replicas == 0 or spec.replicas >= len(eligible):
@@ -118,15 +119,16 @@ def plan(
     placements: Mapping[PlacementKey, PlacementView],
     now: datetime,
 ) -> list[Action]:
-    """Calls that bring each observed engine closer to its desired set: evictions first.
+    """Calls that bring each observed engine closer to its desired set.
 
-    Engines absent from `observed` (unreachable, or reconciled by another replica) get
-    nothing. An engine can add aliases to a loaded adapter but never take one away, and
-    refuses an alias another adapter holds. So an adapter holding an alias it should
-    not (the alias moved to a newer version) is evicted, and reloaded without it once
-    drained; a load carries only the aliases no other adapter holds, and the rest are
-    added by a later pass. No call is made that the engine would refuse for a name
-    conflict. A load waits while its placement is backing off.
+    Per engine, in order: evictions (not wanted, or other content), alias releases
+    (a wanted adapter that holds an alias it should no longer have is loaded again with
+    the aliases it keeps: a load declares the whole alias set), then loads. Engines
+    absent from `observed` (unreachable, or reconciled by another replica) get nothing.
+    A load carries only the aliases no other adapter holds after the releases (an
+    adapter still draining keeps its aliases); the rest follow on a later pass, so no
+    call is one the engine would refuse for a name conflict. A load waits while its
+    placement is backing off; a release never does (it reads no file).
     """
     specs = list(versions)
     actions: list[Action] = []
@@ -134,32 +136,44 @@ def plan(
         have = observed[engine_id]
         want = {s.adapter_id: s for s in specs if engine_id in desired.get(s.version_id, ())}
         alias_owner = {alias: a for a, seen in have.items() for alias in seen.aliases}
-        evicted: set[str] = set()
+        aliases_now = {a: seen.aliases for a, seen in have.items()}
+        evictions: list[Action] = []
+        releases: list[Action] = []
         for adapter_id in sorted(have):
             seen = have[adapter_id]
             spec = want.get(adapter_id)
             if seen.evicting:
                 continue
-            if (
-                spec is None
-                or (seen.sha256 and seen.sha256 != spec.sha256)
-                or not seen.aliases <= frozenset(spec.aliases)
-            ):
-                evicted.add(adapter_id)
-                actions.append(Evict(engine_id, adapter_id))
+            if spec is None or (seen.sha256 and seen.sha256 != spec.sha256):
+                evictions.append(Evict(engine_id, adapter_id))
+            elif not seen.aliases <= frozenset(spec.aliases):
+                kept = tuple(a for a in spec.aliases if a in seen.aliases)
+                for alias in seen.aliases - frozenset(kept):
+                    del alias_owner[alias]
+                aliases_now[adapter_id] = frozenset(kept)
+                releases.append(_load(engine_id, spec, kept))
+        actions += evictions + releases
+        evicted = {e.adapter_id for e in evictions}
         for adapter_id in sorted(want):
             spec = want[adapter_id]
             seen = have.get(adapter_id)
             if adapter_id in evicted or (seen is not None and seen.evicting):
                 continue  # loaded again once the engine has let go of it
             free = tuple(a for a in spec.aliases if alias_owner.get(a, adapter_id) == adapter_id)
-            if seen is not None and frozenset(free) <= seen.aliases:
+            if seen is not None and frozenset(free) == aliases_now[adapter_id]:
                 continue
             if _backing_off(placements.get((spec.version_id, engine_id)), now):
                 continue
-            actions.append(Load(engine_id, spec.version_id, spec.adapter_id, spec.path,
-                                spec.sha256, spec.tenant, free))
+            for alias in free:
+                alias_owner[alias] = adapter_id
+            actions.append(_load(engine_id, spec, free))
     return actions
+
+
+def _load(engine_id: int, spec: VersionSpec, aliases: tuple[str, ...]) -> Load:
+    return Load(
+        engine_id, spec.version_id, spec.adapter_id, spec.path, spec.sha256, spec.tenant, aliases
+    )
 
 
 def versions_to_fail(

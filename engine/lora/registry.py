@@ -73,12 +73,12 @@ class AdapterRegistry:
     ) -> tuple[LoadOutcome, AdapterRecord]:
         """Validate and load the adapter folder at `path` under `adapter_id`.
 
-        Idempotent: the same id with the same content (sha256) is "already_loaded" and
-        adds any new aliases. Raises AdapterPathError (outside the roots),
-        AdapterFormatError (invalid for this base model, or `sha256` given and not
-        matching), AdapterConflictError (the id holds other content or another tenant,
-        or an alias belongs to another adapter), AdapterEvictingError (the id is still
-        draining with different content).
+        Idempotent: the same id with the same content (sha256) is "already_loaded"; the
+        adapter's aliases become exactly `aliases` (new ones added, others released).
+        Raises AdapterPathError (outside the roots), AdapterFormatError (invalid for
+        this base model, or `sha256` given and not matching), AdapterConflictError (the
+        id holds other content or another tenant, or an alias belongs to another
+        adapter), AdapterEvictingError (the id is still draining with different content).
         """
         if not adapter_id:
             raise ValueError("adapter_id must not be empty")
@@ -234,11 +234,15 @@ class AdapterRegistry:
                 f"adapter {entry.adapter_id!r} is already loaded for tenant "
                 f"{entry.tenant!r}, not {tenant!r}"
             )
+        # A load declares the adapter's whole alias set: aliases it no longer names are
+        # released, so the control plane can move an alias without an eviction.
+        for alias in entry.aliases:
+            if alias not in aliases:
+                self._alias_to_id.pop(alias, None)
+        entry.aliases = list(aliases)
         for alias in aliases:
-            if alias not in entry.aliases:
-                entry.aliases.append(alias)
-                self._alias_to_id[alias] = entry.adapter_id
-                self._evicted.pop(alias, None)
+            self._alias_to_id[alias] = entry.adapter_id
+            self._evicted.pop(alias, None)
         if entry.evicting:
             entry.evicting = False  # loaded again before it finished draining
             return "loaded", self._record(entry)

@@ -113,18 +113,23 @@ def test_nothing_to_do_when_in_sync_and_unobserved_engines_are_left_alone() -> N
     assert plan([a], {1: frozenset({1, 2})}, {1: {a.adapter_id: held(a, "t/a")}}, {}, NOW) == []
 
 
-def test_alias_moves_by_evicting_the_old_holder_then_attaching() -> None:
+def test_alias_moves_in_one_pass_without_evicting_the_old_holder() -> None:
     old, new = spec(1, version=1, current=False), spec(2, version=2)
     desired = {1: frozenset({1}), 2: frozenset({1})}
-    # Pass 1: v1 holds the alias it must give up; v2 loads without it (no conflict).
-    first = plan([old, new], desired, {1: {old.adapter_id: held(old, "t/a")}}, {}, NOW)
-    assert first == [Evict(1, old.adapter_id), load(1, new, ())]
-    # Pass 2: v1 still draining -> wait; v2 cannot take the alias yet.
+    # v1 is loaded again declaring no alias (which releases it), then v2 takes it.
+    moved = plan([old, new], desired, {1: {old.adapter_id: held(old, "t/a")}}, {}, NOW)
+    assert moved == [load(1, old, ()), load(1, new)]
+    in_sync = {old.adapter_id: held(old), new.adapter_id: held(new, "t/a")}
+    assert plan([old, new], desired, {1: in_sync}, {}, NOW) == []
+
+
+def test_an_alias_held_by_a_draining_adapter_waits() -> None:
+    old, new = spec(1, version=1, current=False), spec(2, version=2)
     draining = {old.adapter_id: held(old, "t/a", evicting=True), new.adapter_id: held(new)}
-    assert plan([old, new], desired, {1: draining}, {}, NOW) == []
-    # Pass 3: v1 gone -> v2 takes the alias, v1 comes back without it.
-    gone = {new.adapter_id: held(new)}
-    assert plan([old, new], desired, {1: gone}, {}, NOW) == [load(1, old), load(1, new)]
+    assert plan([new], {2: frozenset({1})}, {1: draining}, {}, NOW) == []
+    assert plan([new], {2: frozenset({1})}, {1: {new.adapter_id: held(new)}}, {}, NOW) == [
+        load(1, new)
+    ]
 
 
 def test_stale_content_is_evicted_before_reloading() -> None:

@@ -120,12 +120,15 @@ def test_versions_follow_registration_and_retirement(
         )
         register(cp, "a", good_adapter)
         wait_for(lambda: held(engine) == {"acme/a@1": ("acme/a",)}, 10, "v1 loaded")
+        v1_loaded_at = engine.parts.adapters.get("acme/a@1").loaded_at
         register(cp, "a", other_adapter)  # v2 takes the alias, v1 stays by id
         wait_for(
             lambda: held(engine) == {"acme/a@1": (), "acme/a@2": ("acme/a",)},
             10,
             "the alias to move to v2",
         )
+        # The alias moved without evicting v1: it kept serving by id throughout.
+        assert engine.parts.adapters.get("acme/a@1").loaded_at == v1_loaded_at
         resolved = cp.client().ResolveAdapter(pb.ResolveAdapterRequest(adapter="acme/a"))
         assert resolved.version == 2 and list(resolved.endpoints) == [f"127.0.0.1:{engine.port}"]
         cp.client().RetireAdapter(pb.RetireAdapterRequest(tenant="acme", name="a", version=2))

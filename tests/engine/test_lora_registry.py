@@ -64,12 +64,18 @@ def test_load_is_idempotent_and_conflicts_on_other_content(
     assert (record.rank, record.alpha, record.target_modules) == (4, 8.0, ("q_proj", "v_proj"))
     assert record.in_cpu_cache and record.requests_in_flight == 0 and not record.evicting
     assert record.size_bytes == (roots / "a" / "adapter_model.safetensors").stat().st_size
-    assert reg.load("acme-a-v1", roots / "a", tenant="acme")[0] == "already_loaded"
-    # With the checksum named the answer needs no disk read; new aliases are merged.
+    # With the checksum named the answer needs no disk read; the load declares the
+    # whole alias set, so "acme/a" is released and free for another adapter.
     outcome, again = reg.load(
         "acme-a-v1", roots / "a", sha256=record.sha256, tenant="acme", aliases=("a-latest",)
     )
-    assert outcome == "already_loaded" and again.aliases == ("acme/a", "a-latest")
+    assert outcome == "already_loaded" and again.aliases == ("a-latest",)
+    assert reg.resolve("a-latest").adapter_id == "acme-a-v1"
+    with pytest.raises(AdapterNotFoundError):
+        reg.resolve("acme/a")
+    reg.load("acme-b-v1", roots / "b", tenant="acme", aliases=("acme/a",))
+    assert reg.resolve("acme/a").adapter_id == "acme-b-v1"
+    assert reg.load("acme-a-v1", roots / "a", tenant="acme")[1].aliases == ()
     with pytest.raises(AdapterConflictError, match="different content"):
         reg.load("acme-a-v1", roots / "b", tenant="acme")
     with pytest.raises(AdapterConflictError, match="different content"):
@@ -77,9 +83,9 @@ def test_load_is_idempotent_and_conflicts_on_other_content(
     with pytest.raises(AdapterConflictError, match="tenant"):
         reg.load("acme-a-v1", roots / "a", tenant="globex")
     with pytest.raises(AdapterFormatError) as exc:
-        reg.load("acme-b-v1", roots / "b", sha256="0" * 64)
+        reg.load("acme-c-v1", roots / "b", sha256="0" * 64)
     assert exc.value.reason == "sha256_mismatch"
-    assert [r.adapter_id for r in reg.list()] == ["acme-a-v1"]
+    assert [r.adapter_id for r in reg.list()] == ["acme-a-v1", "acme-b-v1"]
 
 
 def test_aliases_resolve_and_never_collide(config: ModelConfig, roots: Path) -> None:
