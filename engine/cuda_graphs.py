@@ -137,7 +137,9 @@ class DecodeGraphs:
         if self.lora_pool is not None:
             ranks = self.lora_pool.slot_ranks
             if with_lora:
-                self.lora_pool.wait_pending()  # slot writes land before the replay reads
+                # This step's slots are written before the replay reads them; copies
+                # into other slots overlap it.
+                self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
         self.buffers.fill(step, ranks)
         graph.replay()
         self.num_replays += 1

@@ -77,11 +77,12 @@ class Engine:
             if not self._drain(block=not self.scheduler.has_work()):
                 return
             batch = self.scheduler.schedule()
+            # Copies are issued before the forward; no sequence of this batch reads the
+            # slots they fill, so on CUDA they run beside it.
+            if self._load_slots(batch.slot_loads):
+                continue  # those requests were failed; reschedule the rest
             if not batch.seqs:
                 continue
-            failed = self._load_slots(batch.slot_loads)
-            if failed:
-                continue  # those requests were failed; reschedule the rest
             live = [self._live[s.request_id] for s in batch.seqs]
             try:
                 sampled = self.runner.execute(

@@ -95,5 +95,6 @@ class ModelRunner:
     def _lora_for(self, token_slots: list[int]) -> MultiLoraApplier | None:
         if self.lora_pool is None or max(token_slots) < 0:
             return None  # a batch of base-model rows pays nothing for LoRA
-        self.lora_pool.wait_pending()
+        # Only this step's slots must be written; newer copies overlap the forward.
+        self.lora_pool.wait_pending(slots=set(token_slots))
         return MultiLoraApplier(self.lora_pool, token_slots, self.lora_backend)

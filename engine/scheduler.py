@@ -9,6 +9,10 @@ recomputed from its tokens (prompt + what it generated), so nothing is lost.
 
 Fairness: among waiting sequences, those of the tenant with the fewest running
 sequences go first (then arrival order), so one hot tenant cannot starve the others.
+
+Adapter copies overlap compute: a sequence admitted into a slot that must first be
+filled sits out the step in which the copy is issued (its blocks and slot are held),
+so that step's forward never reads the slot being written and need not wait for it.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ class ScheduledSeq:
 @dataclass(frozen=True)
 class ScheduledBatch:
     seqs: tuple[ScheduledSeq, ...]
-    slot_loads: tuple[tuple[int, str], ...]  # (slot, adapter_id) to copy in before the step
+    # (slot, adapter_id) to copy in now; no sequence of this batch reads these slots
+    slot_loads: tuple[tuple[int, str], ...]
     preempted: tuple[str, ...]
 
     @property
@@ -150,6 +155,7 @@ class Scheduler:
     ) -> int:
         running_per_tenant = Counter(s.tenant for s in self._running)
         skipped: set[int] = set()  # waiting sequences whose adapter has no slot this step
+        loading = {slot for slot, _ in slot_loads}
         while budget > 0 and len(self._running) < self.config.max_num_seqs:
             candidates = [s for s in self._waiting if id(s) not in skipped]
             if not candidates:
@@ -167,8 +173,11 @@ class Scheduler:
                 seq.adapter_slot, needs_load = self.slots.acquire(seq.adapter_id)
                 if needs_load:
                     slot_loads.append((seq.adapter_slot, seq.adapter_id))
+                    loading.add(seq.adapter_slot)
             self._running.append(seq)
             running_per_tenant[seq.tenant] += 1
+            if seq.adapter_slot in loading:
+                continue  # runs from the next step, once its slot is filled
             scheduled.append(self._describe(seq, n))
             budget -= n
         return budget
@@ -176,7 +185,7 @@ class Scheduler:
     def _reserve_blocks(self, seq: Sequence, n: int, preempted: list[str]) -> bool:
         """Makes room for n more tokens of seq, preempting the latest admitted if needed."""
         need = blocks_needed(seq.num_computed_tokens + n, self.config.block_size)
-        need -= len(seq.block_table)
+        need = max(0, need - len(seq.block_table))  # admission may have reserved them
         while not self.blocks.can_allocate(need):
             victim = self._running.pop()
             self._preempt(victim)

@@ -17,6 +17,7 @@ Which adapter goes to which slot is the scheduler's decision (engine/adapter_slo
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -166,16 +167,23 @@ class LoraSlotPool:
         self.slot_ranks[slot] = 0
         return handle
 
-    def wait_pending(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Make `stream` (default: the current stream) wait for every slot write issued
-        so far. Cheap, never blocks the host; a no-op on the CPU."""
+    def wait_pending(
+        self, stream: torch.cuda.Stream | None = None, slots: Collection[int] | None = None
+    ) -> None:
+        """Make `stream` (default: the current stream) wait for the slot writes issued so
+        far, or only for those into `slots`: writes into other slots then keep running
+        beside the work queued next. Cheap, never blocks the host; a no-op on the CPU."""
         if not self._pending:
             return
         stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        still_pending = []
         for handle in self._pending:
             assert handle.event is not None
-            stream.wait_event(handle.event)
-        self._pending.clear()
+            if slots is None or handle.slot in slots:
+                stream.wait_event(handle.event)
+            elif not handle.done():
+                still_pending.append(handle)
+        self._pending = still_pending
 
     def _on_side_stream(self, handle: SlotLoad) -> _SideStream:
         assert self._stream is not None

@@ -68,17 +68,36 @@ def test_adapter_waits_for_a_slot_while_others_proceed():
     sched.add(Sequence("y1", [1, 2], adapter_id="y"))
     sched.add(Sequence("base", [1, 2]))
     batch = run_step(sched)
-    assert {s.request_id for s in batch.seqs} == {"x1", "base"}
+    assert {s.request_id for s in batch.seqs} == {"base"}  # x1 waits for its copy
     assert batch.slot_loads == ((0, "x"),)
+    batch = run_step(sched)
+    assert {s.request_id for s in batch.seqs} == {"x1", "base"}  # y1 has no slot
     sched.finish("x1")
     batch = run_step(sched)
-    assert "y1" in {s.request_id for s in batch.seqs}
     assert batch.slot_loads == ((0, "y"),)
+    assert "y1" not in {s.request_id for s in batch.seqs}
+    assert "y1" in {s.request_id for s in run_step(sched).seqs}
+
+
+def test_no_sequence_reads_a_slot_in_the_step_that_fills_it():
+    sched = make(max_loras=2)
+    sched.add(Sequence("x1", [1, 2, 3], adapter_id="x"))
+    sched.add(Sequence("x2", [4, 5], adapter_id="x"))
+    sched.add(Sequence("base", [1]))
+    batch = run_step(sched)
+    assert batch.slot_loads == ((0, "x"),)
+    assert [s.request_id for s in batch.seqs] == ["base"]
+    assert sched.blocks.num_free_blocks == 64 - 3  # x1 and x2 hold their blocks meanwhile
+    batch = run_step(sched)
+    assert batch.slot_loads == ()
+    assert {s.request_id: len(s.token_ids) for s in batch.seqs} == {"x1": 3, "x2": 2, "base": 1}
+    assert {s.adapter_slot for s in batch.seqs if s.request_id != "base"} == {0}
 
 
 def test_idle_slot_is_reused_without_reload():
     sched = make(max_loras=2)
     sched.add(Sequence("x1", [1], adapter_id="x"))
+    run_step(sched)
     run_step(sched)
     sched.finish("x1")
     sched.add(Sequence("x2", [1], adapter_id="x"))
