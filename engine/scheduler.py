@@ -8,7 +8,9 @@ most recently admitted sequence is preempted: its blocks are freed and it is lat
 recomputed from its tokens (prompt + what it generated), so nothing is lost.
 
 Fairness: among waiting sequences, those of the tenant with the fewest running
-sequences go first (then arrival order), so one hot tenant cannot starve the others.
+sequences go first (then arrival order), so one hot tenant cannot starve the others;
+and a sequence waiting for an adapter slot stops further adapter admissions, so the
+busy slots drain and it gets one.
 
 Adapter copies overlap compute: a sequence admitted into a slot that must first be
 filled sits out the step in which the copy is issued (its blocks and slot are held),
@@ -156,13 +158,21 @@ class Scheduler:
         running_per_tenant = Counter(s.tenant for s in self._running)
         skipped: set[int] = set()  # waiting sequences whose adapter has no slot this step
         loading = {slot for slot, _ in slot_loads}
+        # Once a sequence waits for a slot, no further adapter sequence is admitted this
+        # step: pinning the busy slots again would let them stay busy for ever.
+        slot_starved = False
         while budget > 0 and len(self._running) < self.config.max_num_seqs:
-            candidates = [s for s in self._waiting if id(s) not in skipped]
+            candidates = [
+                s
+                for s in self._waiting
+                if id(s) not in skipped and not (slot_starved and s.adapter_id is not None)
+            ]
             if not candidates:
                 break
             seq = min(candidates, key=lambda s: (running_per_tenant[s.tenant], s.arrival))
             if seq.adapter_id is not None and not self.slots.can_acquire(seq.adapter_id):
                 skipped.add(id(seq))
+                slot_starved = True
                 continue
             n = min(seq.num_tokens, budget)
             if not self.blocks.can_allocate(blocks_needed(n, self.config.block_size)):

@@ -123,3 +123,25 @@ def test_hot_tenant_does_not_starve_others():
     sched.add(Sequence("cold", [1, 2], tenant="cold"))
     batch = run_step(sched)
     assert {s.request_id for s in batch.seqs} == {"hot0", "cold"}
+
+
+def test_an_adapter_waiting_for_a_slot_is_not_starved_by_busy_adapters():
+    sched = make(max_loras=2, max_num_seqs=16, num_blocks=256)
+
+    def step(n: int) -> None:
+        # Adapters a and b always have a fresh request arriving, each lasting a few steps.
+        sched.add(Sequence(f"a{n}", [1, 2], adapter_id="a", tenant="a"))
+        sched.add(Sequence(f"b{n}", [1, 2], adapter_id="b", tenant="b"))
+        run_step(sched)
+        for seq in list(sched._running):
+            if seq.request_id != "c" and seq.num_tokens >= 5:
+                sched.finish(seq.request_id)
+
+    for n in range(3):
+        step(n)
+    sched.add(Sequence("c", [1, 2], adapter_id="c", tenant="c"))
+    n = 3
+    while sched.get("c").adapter_slot < 0 and n < 50:
+        step(n)
+        n += 1
+    assert sched.get("c").adapter_slot >= 0, "c never got a slot"
