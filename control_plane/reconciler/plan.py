@@ -126,7 +126,7 @@ def plan(
     the aliases it keeps: a load declares the whole alias set), then loads. Engines
     absent from `observed` (unreachable, or reconciled by another replica) get nothing.
     A load carries only the aliases no other adapter holds after the releases (an
-    adapter still draining keeps its aliases); the rest follow on a later pass, so no
+    adapter still reported holding one keeps it); the rest follow on a later pass, so no
     call is one the engine would refuse for a name conflict. A load waits while its
     placement is backing off; a release never does (it reads no file).
     """

@@ -146,12 +146,17 @@ class AdapterRegistry:
 
     def evict(self, adapter_id: str) -> EvictOutcome:
         """Remove `adapter_id`: at once when idle, else refuse new requests now and
-        remove it when its last request releases. Idempotent."""
+        remove it when its last request releases. Its aliases are released at once, so
+        another adapter can take them while this one drains. Idempotent."""
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is None:
                 return "not_present"
             entry.evicting = True
+            for alias in entry.aliases:
+                self._alias_to_id.pop(alias, None)
+            self._remember_evicted(entry.aliases)
+            entry.aliases = []
             dropped = entry.in_flight == 0
             if dropped:
                 self._drop(adapter_id)
@@ -277,7 +282,10 @@ class AdapterRegistry:
         for alias in entry.aliases:
             self._alias_to_id.pop(alias, None)
         self._cache.pop(adapter_id, None)
-        for name in (adapter_id, *entry.aliases):
+        self._remember_evicted([adapter_id, *entry.aliases])
+
+    def _remember_evicted(self, names: Iterable[str]) -> None:
+        for name in names:
             self._evicted[name] = None
             self._evicted.move_to_end(name)
         while len(self._evicted) > _MAX_EVICTED_NAMES:

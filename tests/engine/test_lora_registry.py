@@ -115,14 +115,18 @@ def test_evict_waits_for_requests_in_flight(config: ModelConfig, roots: Path) ->
     for refused in (reg.resolve, reg.acquire):
         with pytest.raises(AdapterEvictingError):
             refused("a1")
-        with pytest.raises(AdapterEvictingError):
+        with pytest.raises(AdapterNotFoundError, match="was evicted"):
             refused("alias-a")
+    # The alias was released at once: another adapter takes it while a1 drains.
+    reg.load("a2", roots / "b", aliases=("alias-a",))
+    assert reg.resolve("alias-a").adapter_id == "a2"
+    reg.evict("a2")
     assert reg.weights("a1").rank == 4  # admitted requests can still be placed
     assert reg.evict("a1") == "evicted"
     reg.release("a1")
-    assert "a1" in reg and dropped == []
+    assert "a1" in reg and dropped == ["a2"]
     reg.release("a1")
-    assert "a1" not in reg and dropped == ["a1"]
+    assert "a1" not in reg and dropped == ["a2", "a1"]
     with pytest.raises(AdapterNotFoundError):
         reg.resolve("alias-a")
     assert reg.evict("a1") == "not_present"
@@ -130,7 +134,7 @@ def test_evict_waits_for_requests_in_flight(config: ModelConfig, roots: Path) ->
         reg.release("a1")
     # Evicting an idle adapter drops it at once.
     reg.load("b1", roots / "b")
-    assert reg.evict("b1") == "evicted" and dropped == ["a1", "b1"]
+    assert reg.evict("b1") == "evicted" and dropped == ["a2", "a1", "b1"]
 
 
 def test_reload_while_draining(config: ModelConfig, roots: Path) -> None:
