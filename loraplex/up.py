@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ),
     ]
     try:
-        _wait_healthy(cp_addr, "control plane", logs / "control-plane.log")
+        _wait_healthy(cp_addr, "control plane", logs / "control-plane.log", processes[0])
         admin = cp_grpc.ControlPlaneStub(grpc.insecure_channel(cp_addr))
         auth = [("authorization", f"Bearer {token}")]
         base = _idempotent(
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 logs / "engine.log",
             )
         )
-        _wait_healthy(engine_addr, "engine", logs / "engine.log", timeout=300)
+        _wait_healthy(engine_addr, "engine", logs / "engine.log", processes[1], timeout=300)
         key = _demo(admin, auth, model_dir, adapters, engine_addr, write_demo_adapter)
         print(f"\nstack up: control plane {cp_addr}, engine {engine_addr}")
         print(f"  admin token: {token}\n  demo tenant key: {key}\n  logs: {logs}")
@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as exc:  # a component did not come up; its log says why
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         for p in reversed(processes):
             p.terminate()
@@ -193,11 +196,15 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _wait_healthy(address: str, what: str, log: Path, timeout: float = 120) -> None:
+def _wait_healthy(
+    address: str, what: str, log: Path, process: subprocess.Popen, timeout: float = 120
+) -> None:
     print(f"starting the {what} on {address} (log: {log}) ...", flush=True)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {what} exited at start (code {process.returncode}); see {log}")
         try:
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
             if status == health_pb2.HealthCheckResponse.SERVING:

@@ -17,6 +17,7 @@ import grpc
 from engine.engine import Engine
 from engine.lora.errors import (
     AdapterConflictError,
+    AdapterEvictingError,
     AdapterFormatError,
     AdapterPathError,
 )
@@ -81,6 +82,8 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
             await context.abort(code, str(exc))
         except AdapterConflictError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except AdapterEvictingError as exc:  # other content under an id still draining
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return pb.LoadAdapterResponse(
             outcome=pb.LOAD_OUTCOME_LOADED
             if outcome == "loaded"

@@ -71,7 +71,8 @@ def sampling_params(
         top_p=s.top_p,
         top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,
-        max_new_tokens=s.max_new_tokens or limits.default_max_new_tokens,
+        # The engine's default must never be what a caller is blamed for.
+        max_new_tokens=s.max_new_tokens or min(limits.default_max_new_tokens, room),
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
     )

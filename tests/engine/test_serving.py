@@ -205,3 +205,11 @@ def test_bad_request_does_not_disturb_streams_in_flight(default_engine):
         default_engine.generate(ids_request([10**6], 4))
     rest = collect(stream)
     assert list(first.token_ids) + rest.token_ids == solo.token_ids
+
+
+def test_the_default_budget_fits_a_small_context_window(tiny_llama31_path):
+    config = config_for(tiny_llama31_path, max_model_len=64, default_max_new_tokens=256)
+    with running_engine(config) as running:
+        result = running.generate(ids_request(list(range(100, 150)), 0, ignore_eos=True))
+    assert result.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert result.completion_tokens == 64 - 50
