@@ -121,9 +121,10 @@ def plan(
 ) -> list[Action]:
     """Calls that bring each observed engine closer to its desired set.
 
-    Per engine, in order: evictions (not wanted, or other content), alias releases
-    (a wanted adapter that holds an alias it should no longer have is loaded again with
-    the aliases it keeps: a load declares the whole alias set), then loads. Engines
+    Per engine, in order: evictions (not wanted, or other content; the engine frees
+    their aliases at once), alias releases (a wanted adapter holding an alias whose new
+    owner is already held here is loaded again with the aliases it keeps: a load
+    declares the whole alias set), then loads. Engines
     absent from `observed` (unreachable, or reconciled by another replica) get nothing.
     A load carries only the aliases no other adapter holds after the releases (an
     adapter still reported holding one keeps it); the rest follow on a later pass, so no
@@ -137,6 +138,7 @@ def plan(
         want = {s.adapter_id: s for s in specs if engine_id in desired.get(s.version_id, ())}
         alias_owner = {alias: a for a, seen in have.items() for alias in seen.aliases}
         aliases_now = {a: seen.aliases for a, seen in have.items()}
+        held_back: dict[str, tuple[str, ...]] = {}  # aliases kept until their owner is here
         evictions: list[Action] = []
         releases: list[Action] = []
         for adapter_id in sorted(have):
@@ -146,8 +148,16 @@ def plan(
                 continue
             if spec is None or (seen.sha256 and seen.sha256 != spec.sha256):
                 evictions.append(Evict(engine_id, adapter_id))
-            elif not seen.aliases <= frozenset(spec.aliases):
-                kept = tuple(a for a in spec.aliases if a in seen.aliases)
+                for alias in seen.aliases:  # an engine frees them as it evicts
+                    del alias_owner[alias]
+                continue
+            # An alias this adapter should give up is kept until its new owner is held
+            # here, so the name never points at nothing while the new version loads.
+            kept = tuple(
+                a for a in sorted(seen.aliases) if a in spec.aliases or not _can_take(want, have, a)
+            )
+            held_back[adapter_id] = tuple(a for a in kept if a not in spec.aliases)
+            if frozenset(kept) != seen.aliases:
                 for alias in seen.aliases - frozenset(kept):
                     del alias_owner[alias]
                 aliases_now[adapter_id] = frozenset(kept)
@@ -160,14 +170,28 @@ def plan(
             if adapter_id in evicted or (seen is not None and seen.evicting):
                 continue  # loaded again once the engine has let go of it
             free = tuple(a for a in spec.aliases if alias_owner.get(a, adapter_id) == adapter_id)
+            free += held_back.get(adapter_id, ())
             if seen is not None and frozenset(free) == aliases_now[adapter_id]:
                 continue
-            if _backing_off(placements.get((spec.version_id, engine_id)), now):
+            # Backoff holds loads that read the adapter; an alias change reads nothing.
+            if seen is None and _backing_off(placements.get((spec.version_id, engine_id)), now):
                 continue
             for alias in free:
                 alias_owner[alias] = adapter_id
             actions.append(_load(engine_id, spec, free))
     return actions
+
+
+def _can_take(
+    want: Mapping[str, VersionSpec], have: Mapping[str, ObservedAdapter], alias: str
+) -> bool:
+    """Whether the adapter that should hold `alias` here can take it now: it is held
+    with the right content and not draining (or no adapter should hold it at all)."""
+    owner = next((s for s in want.values() if alias in s.aliases), None)
+    if owner is None:
+        return True
+    seen = have.get(owner.adapter_id)
+    return seen is not None and not seen.evicting and seen.sha256 in ("", owner.sha256)
 
 
 def _load(engine_id: int, spec: VersionSpec, aliases: tuple[str, ...]) -> Load:

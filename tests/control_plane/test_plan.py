@@ -113,14 +113,34 @@ def test_nothing_to_do_when_in_sync_and_unobserved_engines_are_left_alone() -> N
     assert plan([a], {1: frozenset({1, 2})}, {1: {a.adapter_id: held(a, "t/a")}}, {}, NOW) == []
 
 
-def test_alias_moves_in_one_pass_without_evicting_the_old_holder() -> None:
+def test_alias_moves_once_the_new_version_is_held_without_evicting_the_old() -> None:
     old, new = spec(1, version=1, current=False), spec(2, version=2)
     desired = {1: frozenset({1}), 2: frozenset({1})}
-    # v1 is loaded again declaring no alias (which releases it), then v2 takes it.
-    moved = plan([old, new], desired, {1: {old.adapter_id: held(old, "t/a")}}, {}, NOW)
-    assert moved == [load(1, old, ()), load(1, new)]
+    # Pass 1: v2 loads by id; v1 keeps serving the alias meanwhile.
+    first = plan([old, new], desired, {1: {old.adapter_id: held(old, "t/a")}}, {}, NOW)
+    assert first == [load(1, new, ())]
+    # Pass 2: v2 is held, so v1 releases the alias and v2 takes it, back to back.
+    both = {old.adapter_id: held(old, "t/a"), new.adapter_id: held(new)}
+    assert plan([old, new], desired, {1: both}, {}, NOW) == [load(1, old, ()), load(1, new)]
     in_sync = {old.adapter_id: held(old), new.adapter_id: held(new, "t/a")}
     assert plan([old, new], desired, {1: in_sync}, {}, NOW) == []
+
+
+def test_alias_stays_on_the_old_version_while_the_new_one_backs_off() -> None:
+    old, new = spec(1, version=1, current=False), spec(2, version=2)
+    desired = {1: frozenset({1}), 2: frozenset({1})}
+    backing_off = {(2, 1): PlacementView(2, 1, True, 2, False, NOW + timedelta(seconds=5), "x")}
+    observed = {1: {old.adapter_id: held(old, "t/a")}}
+    assert plan([old, new], desired, observed, backing_off, NOW) == []
+
+
+def test_retiring_the_current_version_gives_the_alias_back_in_one_pass() -> None:
+    old, new = spec(1, version=1), spec(2, version=2, current=False)  # v2 retired
+    observed = {1: {old.adapter_id: held(old), new.adapter_id: held(new, "t/a")}}
+    assert plan([old], {1: frozenset({1})}, observed, {}, NOW) == [
+        Evict(1, new.adapter_id),
+        load(1, old),
+    ]
 
 
 def test_an_alias_held_by_a_draining_adapter_waits() -> None:
