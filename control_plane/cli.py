@@ -48,6 +48,8 @@ def _add_server(subparsers: argparse._SubParsersAction) -> None:
                        "from under this folder (repeatable; LORAPLEX_ADAPTER_ROOTS, ':'-separated)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="serve Prometheus /metrics on this port (0 = off)")
     serve.add_argument("--default-max-adapters", type=int, default=100)
     serve.add_argument("--default-max-lora-rank", type=int, default=64)
     serve.add_argument("--reconcile-interval", type=float, default=2.0, help="seconds")
@@ -76,14 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = ControlPlaneConfig(
             database_url=url, admin_token=args.admin_token,
             adapter_roots=tuple(Path(r).expanduser().resolve() for r in roots),
-            host=args.host, port=args.port, default_max_adapters=args.default_max_adapters,
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
+            default_max_adapters=args.default_max_adapters,
             default_max_lora_rank=args.default_max_lora_rank,
             auto_migrate=args.migrate or url.startswith("sqlite"),
             reconciler=ReconcilerConfig(interval_s=args.reconcile_interval,
                                         heartbeat_timeout_s=args.heartbeat_timeout),
         )
         asyncio.run(serve_control_plane(config))
-    except (ValueError, NotMigratedError) as exc:
+    except (ValueError, NotMigratedError, OSError) as exc:  # OSError: a port already taken
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

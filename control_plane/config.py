@@ -17,6 +17,8 @@ class ControlPlaneConfig:
     adapter_roots: tuple[Path, ...] = ()
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT  # 0 = any free port (tests)
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on `host`; 0 = off
+    metrics_cache_s: float = 5.0  # fleet gauges re-read from the database at most this often
     default_max_adapters: int = 100
     default_max_lora_rank: int = 64
     # Run `upgrade head` at start (the embedded SQLite default); otherwise a database

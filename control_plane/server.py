@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +22,7 @@ from control_plane import migrate
 from control_plane.admin_auth import AdminTokenInterceptor
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import make_db_engine, make_session_factory
+from control_plane.metrics import ControlPlaneMetrics, RpcMetricsInterceptor, serve_metrics
 from control_plane.reconciler.engine_client import EngineClient
 from control_plane.reconciler.loop import Reconciler
 from control_plane.reconciler.store import ReconcileStore
@@ -47,8 +49,10 @@ class RunningControlPlane:
     reconciler: Reconciler
     services: Services
     db_engine: Engine
+    metrics: ControlPlaneMetrics
     _reconcile_task: asyncio.Task[None]
     _client: EngineClient
+    _stop_metrics: Callable[[], None] | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         self._reconcile_task.cancel()
@@ -58,6 +62,8 @@ class RunningControlPlane:
             pass
         await self.server.stop(grace)
         await self._client.close()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         self.db_engine.dispose()
 
 
@@ -89,12 +95,21 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
         retry_base=timedelta(seconds=rc.retry_base_s), retry_cap=timedelta(seconds=rc.retry_cap_s),
         fail_after_attempts=rc.fail_after_attempts, permanent_codes=rc.permanent_codes,
     )
-    client = EngineClient(config.admin_token, rc.rpc_timeout_s, rc.load_timeout_s)
-    reconciler = Reconciler(rc, store, client, utcnow)
+    metrics = ControlPlaneMetrics()
+    metrics.watch(ctx.sessions, config.metrics_cache_s)
+    client = EngineClient(config.admin_token, rc.rpc_timeout_s, rc.load_timeout_s, metrics)
+    reconciler = Reconciler(rc, store, client, utcnow, metrics)
     reconciler.bind(loop)
     reconciler_ref.append(reconciler)
 
-    server = grpc.aio.server(interceptors=[AdminTokenInterceptor(config.admin_token)])
+    stop_metrics = None
+    if config.metrics_port:  # before the gRPC server: a busy port fails with nothing started
+        stop_metrics = serve_metrics(metrics.registry, config.host, config.metrics_port)
+        log.info("control plane metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    # Metrics first, so the admin token check's refusals are counted too.
+    server = grpc.aio.server(
+        interceptors=[RpcMetricsInterceptor(metrics), AdminTokenInterceptor(config.admin_token)]
+    )
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
         ControlPlaneServicer(services, config.admin_token), server
     )
@@ -111,7 +126,9 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(reconciler.run(), name="reconciler")
     log.info("control plane listening on %s:%d", config.host, port)
-    return RunningControlPlane(server, port, reconciler, services, db_engine, task, client)
+    return RunningControlPlane(
+        server, port, reconciler, services, db_engine, metrics, task, client, stop_metrics
+    )
 
 
 async def serve_control_plane(config: ControlPlaneConfig) -> None:

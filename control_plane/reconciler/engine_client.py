@@ -6,13 +6,20 @@ from collections.abc import Sequence
 
 import grpc
 
+from control_plane.metrics import ControlPlaneMetrics
 from control_plane.reconciler.plan import Load, ObservedAdapter
 from loraplex.v1 import engine_admin_pb2 as pb
 from loraplex.v1 import engine_admin_pb2_grpc as pb_grpc
 
 
 class EngineClient:
-    def __init__(self, admin_token: str, rpc_timeout_s: float, load_timeout_s: float) -> None:
+    """Counts every load, eviction and key sync by outcome in `metrics`."""
+
+    def __init__(
+        self, admin_token: str, rpc_timeout_s: float, load_timeout_s: float,
+        metrics: ControlPlaneMetrics | None = None,
+    ) -> None:
+        self._metrics = metrics if metrics is not None else ControlPlaneMetrics()
         self._metadata = (("authorization", f"Bearer {admin_token}"),)
         self._timeout = rpc_timeout_s
         self._load_timeout = load_timeout_s
@@ -49,7 +56,9 @@ class EngineClient:
                 request, timeout=self._load_timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
+            self._metrics.adapter_loaded(exc.code().name)
             return exc.code().name, exc.details() or ""
+        self._metrics.adapter_loaded("")
         return "", ""
 
     async def evict(self, address: str, adapter_id: str) -> tuple[str, str]:
@@ -59,7 +68,9 @@ class EngineClient:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
+            self._metrics.adapter_evicted(exc.code().name)
             return exc.code().name, exc.details() or ""
+        self._metrics.adapter_evicted("")
         return "", ""
 
     async def sync_keys(
@@ -70,9 +81,14 @@ class EngineClient:
             generation=generation,
             keys=[pb.ApiKeyEntry(key_id=k, secret_hash=h, tenant=t) for k, h, t in keys],
         )
-        reply = await self._stub(address).SyncApiKeys(
-            request, timeout=self._timeout, metadata=self._metadata
-        )
+        try:
+            reply = await self._stub(address).SyncApiKeys(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._metrics.keys_synced(exc.code().name)
+            raise
+        self._metrics.keys_synced("")
         return int(reply.generation)
 
     async def close(self) -> None:

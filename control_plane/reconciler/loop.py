@@ -17,6 +17,7 @@ from datetime import datetime
 
 import grpc
 
+from control_plane.metrics import ControlPlaneMetrics
 from control_plane.reconciler.engine_client import EngineClient
 from control_plane.reconciler.plan import (
     Action,
@@ -59,9 +60,10 @@ class PassReport:
 class Reconciler:
     def __init__(
         self, config: ReconcilerConfig, store: ReconcileStore, client: EngineClient,
-        clock: Callable[[], datetime],
+        clock: Callable[[], datetime], metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics if metrics is not None else ControlPlaneMetrics()
         self._store = store
         self._client = client
         self._clock = clock
@@ -101,7 +103,8 @@ class Reconciler:
 
     async def reconcile_once(self) -> PassReport:
         async with self._pass_lock:
-            return await self._pass()
+            with self._metrics.timed_pass():
+                return await self._pass()
 
     async def _pass(self) -> PassReport:
         now = self._clock()

@@ -1,0 +1,41 @@
+"""Reading Prometheus text in tests: scrape over HTTP or render a registry, then look up
+one sample by name and labels."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(port: int) -> Samples:
+    """GET http://127.0.0.1:port/metrics, parsed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return parse(reply.read().decode())
+
+
+def render(registry: CollectorRegistry) -> Samples:
+    return parse(generate_latest(registry).decode())
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample's value; 0 when absent (a labelled counter not yet incremented)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
