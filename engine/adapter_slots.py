@@ -25,6 +25,13 @@ class AdapterSlots:
     def resident(self) -> dict[str, int]:
         return dict(self._slot_of)
 
+    @property
+    def num_pinned(self) -> int:
+        """Slots whose adapter has requests in flight (resident minus idle). Safe to read
+        from another thread: never negative, exact once the owner's thread is between
+        calls."""
+        return max(0, len(self._slot_of) - len(self._idle))
+
     def can_acquire(self, adapter_id: str) -> bool:
         if adapter_id in self._forget_when_idle:
             return False

@@ -13,6 +13,7 @@ class EngineConfig:
     dtype: str = "float32"  # resolved: float32 | bfloat16 | float16
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on `host`; 0 = off
     block_size: int = 16
     # KV cache capacity: on CUDA a fraction of the memory free after loading the
     # model and adapter slots; on the CPU a number of tokens.
@@ -21,6 +22,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's own limit, capped by the KV cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    max_num_waiting: int = 1024  # beyond this Generate answers RESOURCE_EXHAUSTED
     default_max_new_tokens: int = 256
     max_loras: int = 8
     max_lora_rank: int = 64
@@ -34,6 +36,18 @@ class EngineConfig:
     admin_token: str = ""  # required by EngineAdmin when set
     control_plane: str = ""  # host:port of the control plane, "" = standalone
     advertise: str = ""  # address the control plane should dial back
+
+    def __post_init__(self) -> None:
+        if self.lora_backend not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"--lora-backend must be auto, triton or torch, got {self.lora_backend!r}"
+            )
+        if self.control_plane and not self.admin_token:
+            # Without it anyone could push this engine's API key table.
+            raise ValueError(
+                "--control-plane needs --admin-token (or LORAPLEX_ADMIN_TOKEN), the same "
+                "token the control plane uses"
+            )
 
 
 def resolve_device(requested: str) -> str:

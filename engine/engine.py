@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from engine.metrics import EngineMetrics
 from engine.output_processor import RequestStream
 from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.runner import ModelRunner
@@ -42,12 +44,14 @@ class Engine:
         tokenizer: Tokenizer,
         adapter_weights: AdapterWeightsSource | None = None,
         release_adapter: ReleaseAdapter | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self._adapter_weights = adapter_weights
         self._release_adapter = release_adapter
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -72,35 +76,50 @@ class Engine:
         self._inbox.put(("forget", adapter_id))
 
     # -- the loop ------------------------------------------------------------------
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
-            if not self._drain(block=not self.scheduler.has_work()):
-                return
-            batch = self.scheduler.schedule()
-            # Copies are issued before the forward; no sequence of this batch reads the
-            # slots they fill, so on CUDA they run beside it.
-            if self._load_slots(batch.slot_loads):
-                continue  # those requests were failed; reschedule the rest
-            if not batch.seqs:
-                continue
-            live = [self._live[s.request_id] for s in batch.seqs]
             try:
-                sampled = self.runner.execute(
-                    batch,
-                    [entry.stream.request.params for entry in live],
-                    [entry.generator for entry in live],
-                )
-            except Exception:  # a bug or a device fault: fail this batch, keep serving
-                log.exception("model step failed; failing the %d requests in it", len(live))
-                for item in batch.seqs:
-                    self._end(item.request_id, FinishReason.ERROR, "the model step failed")
-                continue
-            self.steps += 1
-            self.scheduler.on_step_done(batch, sampled)
-            for request_id, token in sampled.items():
-                reason = self._live[request_id].stream.on_token(token)
-                if reason is not None:
-                    self._end(request_id, reason)
+                if not self._step():
+                    return
+            except Exception:  # a bug: fail what is in flight, keep the loop serving
+                log.exception("the engine loop hit an unexpected error")
+                for request_id in list(self._live):
+                    self._end(request_id, FinishReason.ERROR, "the engine hit an internal error")
+
+    def _step(self) -> bool:
+        """One iteration: inbox, schedule, copy adapters, run, stream. False = stop."""
+        if not self._drain(block=not self.scheduler.has_work()):
+            return False
+        batch = self.scheduler.schedule()
+        self.metrics.batch_scheduled(batch)
+        # Copies are issued before the forward; no sequence of this batch reads the
+        # slots they fill, so on CUDA they run beside it.
+        if self._load_slots(batch.slot_loads) or not batch.seqs:
+            return True  # failed loads ended their requests; reschedule the rest
+        live = [self._live[s.request_id] for s in batch.seqs]
+        step_start = time.perf_counter()
+        try:
+            sampled = self.runner.execute(
+                batch,
+                [entry.stream.request.params for entry in live],
+                [entry.generator for entry in live],
+            )
+        except Exception:  # a bug or a device fault: fail this batch, keep serving
+            log.exception("model step failed; failing the %d requests in it", len(live))
+            for item in batch.seqs:
+                self._end(item.request_id, FinishReason.ERROR, "the model step failed")
+            return True
+        self.steps += 1
+        self.metrics.step_done(batch, time.perf_counter() - step_start)
+        self.scheduler.on_step_done(batch, sampled)
+        for request_id, token in sampled.items():
+            reason = self._live[request_id].stream.on_token(token)
+            if reason is not None:
+                self._end(request_id, reason)
+        return True
 
     def _drain(self, block: bool) -> bool:
         """Applies inbox messages; returns False when asked to stop."""
@@ -129,6 +148,7 @@ class Engine:
         # A CPU generator per request: its draws cost no device launches.
         generator = make_generator(request.params.seed, "cpu")
         self._live[request.request_id] = _Live(stream, generator)
+        self.metrics.request_started(request)
         self.scheduler.add(
             Sequence(
                 request.request_id,
@@ -157,6 +177,7 @@ class Engine:
     def _end(self, request_id: str, reason: FinishReason, error: str = "") -> None:
         entry = self._live.pop(request_id)
         entry.stream.abort(reason, error)  # no-op when the stream already finished
+        self.metrics.request_finished(entry.stream.request, reason, entry.stream.num_generated)
         self.scheduler.finish(request_id)
         adapter_id = entry.stream.request.adapter_id
         if adapter_id is not None and self._release_adapter is not None:

@@ -51,6 +51,9 @@ def _engine_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(config, on_ready=ready, parts=parts))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # a port already taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -62,12 +65,14 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=resolve_dtype(args.dtype, device),
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
         block_size=args.block_size,
         gpu_memory_fraction=args.gpu_memory_fraction,
         kv_cache_tokens=args.kv_cache_tokens,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_waiting=args.max_num_waiting,
         default_max_new_tokens=args.default_max_new_tokens,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
@@ -128,6 +133,9 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--cache-dir", default=str(default_cache_dir()))
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
+    )
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda")
     serve.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     serve.add_argument("--block-size", type=int, default=16)
@@ -143,6 +151,12 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-model-len", type=int, default=0)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    serve.add_argument(
+        "--max-num-waiting",
+        type=int,
+        default=1024,
+        help="queued requests beyond which Generate answers RESOURCE_EXHAUSTED",
+    )
     serve.add_argument("--default-max-new-tokens", type=int, default=256)
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
     serve.add_argument("--max-lora-rank", type=int, default=64)

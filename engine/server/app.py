@@ -26,6 +26,7 @@ from engine.engine import Engine
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
 from engine.lora.registry import AdapterRegistry
 from engine.lora.slot_pool import LoraSlotPool
+from engine.metrics import EngineMetrics, serve_metrics
 from engine.model.config import ModelConfig
 from engine.model.loader import load_model, model_fingerprint
 from engine.runner import ModelRunner
@@ -52,6 +53,7 @@ class EngineParts:
     limits: RequestLimits
     fingerprint: str
     boot_id: str
+    metrics: EngineMetrics
 
     def info(self) -> engine_admin_pb2.EngineInfo:
         scheduler = self.engine.scheduler
@@ -140,12 +142,15 @@ def build_engine(config: EngineConfig) -> EngineParts:
             lora_graphs=lora_backend == "triton",
         )
         graphs.capture()  # at start, so no request waits on a capture
+    metrics = EngineMetrics()
+    metrics.watch(scheduler, adapters)
     engine = Engine(
         scheduler,
         ModelRunner(model, kv_cache, pool, lora_backend, graphs),
         tokenizer,
         adapter_weights=adapters.weights,
         release_adapter=adapters.release,
+        metrics=metrics,
     )
     if config.adapter_dir is not None:
         for folder in sorted(p for p in Path(config.adapter_dir).iterdir() if p.is_dir()):
@@ -161,6 +166,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         limits=RequestLimits(model_config.vocab_size, max_model_len, config.default_max_new_tokens),
         fingerprint=model_fingerprint(model_config, config.model_path),
         boot_id=uuid.uuid4().hex,
+        metrics=metrics,
     )
 
 
@@ -176,6 +182,14 @@ def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch
     return blocks
 
 
+async def _watch_engine_loop(engine: Engine, health_servicer: health.aio.HealthServicer) -> None:
+    """Health says NOT_SERVING once the engine loop thread has died."""
+    while engine.is_alive():
+        await asyncio.sleep(1.0)
+    log.error("the engine loop has stopped; reporting NOT_SERVING")
+    await health_servicer.enter_graceful_shutdown()
+
+
 async def serve(
     config: EngineConfig,
     on_ready: Callable[[int], None] | None = None,
@@ -183,10 +197,22 @@ async def serve(
 ) -> None:
     """Serves until cancelled. `on_ready(port)` runs once the port is bound."""
     parts = parts or await asyncio.to_thread(build_engine, config)
+    stop_metrics = None
+    if config.metrics_port:  # first: a busy port fails before anything else has started
+        stop_metrics = serve_metrics(parts.metrics.registry, config.host, config.metrics_port)
+        log.info("engine metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     parts.engine.start()
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(parts.engine, parts.tokenizer, parts.limits, parts.adapters, parts.keys),
+        InferenceServicer(
+            parts.engine,
+            parts.tokenizer,
+            parts.limits,
+            parts.adapters,
+            parts.keys,
+            parts.metrics,
+            max_waiting=config.max_num_waiting,
+        ),
         server,
     )
     engine_admin_pb2_grpc.add_EngineAdminServicer_to_server(
@@ -222,12 +248,17 @@ async def serve(
                 key_table=parts.keys,  # heartbeats report when each key was last used
             )
         )
+    watch = asyncio.create_task(_watch_engine_loop(parts.engine, health_servicer))
     if on_ready is not None:
         on_ready(port)
     try:
         await server.wait_for_termination()
     finally:
+        watch.cancel()
+        await health_servicer.enter_graceful_shutdown()
         if link is not None:
             link.cancel()
+        if stop_metrics is not None:
+            stop_metrics()
         await server.stop(grace=1)
         parts.engine.stop()

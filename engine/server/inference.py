@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import NoReturn
 
 import grpc
 
 from engine.engine import Engine
-from engine.lora.errors import AdapterEvictingError, AdapterNotFoundError
+from engine.lora.errors import AdapterEvictingError, AdapterFormatError, AdapterNotFoundError
 from engine.lora.registry import AdapterRegistry
+from engine.metrics import EngineMetrics
 from engine.request import FinishReason, RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
 from engine.server.validation import InvalidRequest, RequestLimits, to_engine_request
@@ -38,28 +40,51 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         limits: RequestLimits,
         adapters: AdapterRegistry,
         keys: ApiKeyTable,
+        metrics: EngineMetrics | None = None,  # default: the engine's
+        max_waiting: int = 1024,
     ) -> None:
+        self._max_waiting = max_waiting
         self._engine = engine
         self._tokenizer = tokenizer
         self._limits = limits
         self._adapters = adapters
         self._keys = keys
+        self._metrics = metrics if metrics is not None else engine.metrics
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context):  # noqa: N802
+        timer = self._metrics.request_timer()
+        if not self._engine.is_alive():
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "this engine's loop has stopped; use another engine",
+            )
+        if self._engine.scheduler.num_waiting >= self._max_waiting:
+            await self._refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._max_waiting} requests are already waiting on this engine; "
+                "retry later or on another engine",
+            )
         tenant = await self._authenticate(context)
         adapter_id = await self._resolve_adapter(request.adapter, tenant, context)
-        request_id = request.request_id or uuid.uuid4().hex
-        try:
-            engine_request = to_engine_request(
-                request, request_id, self._tokenizer, self._limits, adapter_id, tenant or ""
+        # The engine's own id: a client's request_id is echoed, never trusted as a key.
+        engine_id = uuid.uuid4().hex
+        request_id = request.request_id or engine_id
+        try:  # tokenizing a long prompt or rendering a template must not stall the loop
+            engine_request = await asyncio.to_thread(
+                to_engine_request,
+                request,
+                engine_id,
+                self._tokenizer,
+                self._limits,
+                adapter_id,
+                tenant or "",
             )
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if adapter_id is not None:
-            try:
-                self._adapters.acquire(adapter_id)  # released by the engine loop at the end
-            except (AdapterNotFoundError, AdapterEvictingError) as exc:
-                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await self._acquire_adapter(adapter_id, context)
 
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -71,17 +96,40 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             while not finished:
                 out = await outputs.get()
                 finished = out.finish_reason is not None
+                timer.on_output(out)
                 yield self._response(out, request_id, adapter_id)
         finally:
             if not finished:  # the client cancelled or disconnected
-                self._engine.abort(request_id)
+                self._engine.abort(engine_id)
+
+    async def _acquire_adapter(self, adapter_id: str, context) -> None:
+        """Counts the request on its adapter (the engine loop releases it at the end) and
+        brings the weights into host memory here, so the loop never reads a disk."""
+        try:
+            self._adapters.acquire(adapter_id)
+        except (AdapterNotFoundError, AdapterEvictingError) as exc:
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        try:
+            await asyncio.to_thread(self._adapters.weights, adapter_id)
+        except (AdapterFormatError, OSError) as exc:
+            self._adapters.release(adapter_id)
+            await self._refuse(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter {adapter_id!r} can no longer be read from disk: {exc}",
+            )
+        except BaseException:  # cancelled before the engine loop owns the request
+            self._adapters.release(adapter_id)
+            raise
 
     async def _authenticate(self, context) -> str | None:
+        if not self._keys.enforcing:
+            return None
         header = dict(context.invocation_metadata()).get("authorization")
         try:  # the first use of a key runs a slow hash: keep it off the event loop
             return await asyncio.to_thread(self._keys.authenticate, header)
         except AuthError as exc:
-            await context.abort(exc.code, str(exc))
+            await self._refuse(context, exc.code, str(exc))
 
     async def _resolve_adapter(self, name: str, tenant: str | None, context) -> str | None:
         if not name:
@@ -89,19 +137,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             record = self._adapters.resolve(name)
         except AdapterNotFoundError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc}; check the name")
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND, f"{exc}; check the name")
         except AdapterEvictingError:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"adapter {name!r} is being evicted from this engine and takes no new requests",
             )
         if tenant is not None and record.tenant and record.tenant != tenant:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"adapter {name!r} belongs to another tenant; your key may use only "
                 f"tenant {tenant!r}'s adapters and the base model",
             )
         return record.adapter_id
+
+    async def _refuse(self, context, code: grpc.StatusCode, message: str) -> NoReturn:
+        """Counts the refusal, then aborts the call (raises)."""
+        self._metrics.request_refused(code)
+        await context.abort(code, message)
 
     @staticmethod
     def _response(
@@ -115,6 +170,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         if out.finish_reason is not None:
             response.finish_reason = _FINISH[out.finish_reason]
+            response.error = out.error
             response.usage.prompt_tokens = out.prompt_tokens
             response.usage.completion_tokens = out.completion_tokens
         return response

@@ -1,0 +1,157 @@
+"""What a client sees when things go wrong around it: overload, reused request ids,
+engine faults, adapters vanishing from disk. Other requests must keep streaming."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+
+from engine.config import EngineConfig
+from loraplex.v1 import engine_admin_pb2 as admin_pb
+from loraplex.v1 import inference_pb2
+from tests.adapter_factory import make_peft_adapter
+from tests.engine_server import collect, running_engine
+
+
+def ids_request(ids, max_new_tokens, adapter="", request_id=""):
+    return inference_pb2.GenerateRequest(
+        request_id=request_id,
+        adapter=adapter,
+        token_ids=inference_pb2.TokenIds(ids=ids),
+        sampling=inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+    )
+
+
+def config_for(model_path, **overrides) -> EngineConfig:
+    values = dict(model_path=model_path, port=0, kv_cache_tokens=2048, max_lora_rank=8)
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def wait_until(check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_resource_exhausted(tiny_llama31_path):
+    config = config_for(
+        tiny_llama31_path, max_num_seqs=1, max_num_batched_tokens=64, max_num_waiting=1
+    )
+    with running_engine(config) as running:
+        first = running.inference.Generate(ids_request([5, 6, 7], 400))
+        next(first)
+        second = running.inference.Generate(ids_request([5, 6, 8], 4))
+        wait_until(lambda: running.parts.engine.scheduler.num_waiting == 1)
+        with pytest.raises(grpc.RpcError) as caught:
+            running.generate(ids_request([5, 6, 9], 4))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "retry later" in caught.value.details()
+        first.cancel()
+        assert collect(second).completion_tokens == 4
+
+
+def test_clients_reusing_a_request_id_do_not_disturb_each_other(tiny_llama31_path):
+    prompts = [[10, 11, 12], [20, 21, 22, 23]]
+    with running_engine(config_for(tiny_llama31_path)) as running:
+        solo = [running.generate(ids_request(p, 12)).token_ids for p in prompts]
+        results: list = [None, None]
+
+        def run(i: int) -> None:
+            responses = list(
+                running.inference.Generate(ids_request(prompts[i], 12, request_id="same"))
+            )
+            results[i] = (
+                [t for r in responses for t in r.token_ids],
+                {r.request_id for r in responses},
+            )
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [r[0] for r in results] == solo
+        assert all(r[1] == {"same"} for r in results)  # echoed, not used as a key
+        assert running.parts.engine.is_alive()
+
+
+def test_a_failed_step_ends_its_requests_with_a_sentence_and_serving_goes_on(
+    tiny_llama31_path, monkeypatch
+):
+    with running_engine(config_for(tiny_llama31_path)) as running:
+        runner = running.parts.engine.runner
+        real_execute = runner.execute
+        calls = {"n": 0}
+
+        def fails_once(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("device fault")
+            return real_execute(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "execute", fails_once)
+        responses = list(running.inference.Generate(ids_request([5, 6, 7], 10)))
+        assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_ERROR
+        assert responses[-1].error == "the model step failed"
+        assert running.generate(ids_request([5, 6, 7], 10)).completion_tokens == 10
+        free = running.admin.GetEngineInfo(admin_pb.GetEngineInfoRequest()).kv_blocks_free
+        assert free == running.parts.engine.scheduler.blocks.num_blocks
+
+
+def test_an_unexpected_error_in_the_loop_fails_requests_in_flight_and_the_loop_survives(
+    tiny_llama31_path, monkeypatch
+):
+    with running_engine(config_for(tiny_llama31_path)) as running:
+        scheduler = running.parts.engine.scheduler
+        real_schedule = scheduler.schedule
+        calls = {"n": 0}
+
+        def breaks_once():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyError("bug")
+            return real_schedule()
+
+        monkeypatch.setattr(scheduler, "schedule", breaks_once)
+        last = list(running.inference.Generate(ids_request([5, 6, 7], 10)))[-1]
+        assert last.finish_reason == inference_pb2.FINISH_REASON_ERROR
+        assert "internal error" in last.error
+        assert running.parts.engine.is_alive()
+        assert running.generate(ids_request([5, 6, 7], 5)).completion_tokens == 5
+        assert scheduler.num_running == scheduler.num_waiting == 0
+
+
+def test_an_adapter_gone_from_disk_is_refused_clearly(tiny_llama31_path, tmp_path):
+    root = tmp_path / "adapters"
+    make_peft_adapter(
+        tiny_llama31_path, root / "gone", r=4, alpha=8, target_modules=["q_proj"], seed=1
+    )
+    # No host cache: every use reads the adapter from disk.
+    with running_engine(
+        config_for(tiny_llama31_path, max_cpu_loras=0, adapter_roots=(root,))
+    ) as running:
+        running.admin.LoadAdapter(
+            admin_pb.LoadAdapterRequest(adapter_id="gone", path=str(root / "gone"))
+        )
+        assert running.generate(ids_request([5, 6], 3, adapter="gone")).completion_tokens == 3
+        shutil.rmtree(root / "gone")
+        with pytest.raises(grpc.RpcError) as caught:
+            running.generate(ids_request([5, 6], 3, adapter="gone"))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "can no longer be read" in caught.value.details()
+        listing = running.admin.ListAdapters(admin_pb.ListAdaptersRequest()).adapters
+        assert listing[0].requests_in_flight == 0
+        assert running.generate(ids_request([5, 6], 3)).completion_tokens == 3
+
+
+def test_an_engine_under_a_control_plane_needs_the_admin_token(tiny_llama31_path):
+    with pytest.raises(ValueError, match="--admin-token"):
+        EngineConfig(model_path=tiny_llama31_path, control_plane="127.0.0.1:50050")
+    with pytest.raises(ValueError, match="--lora-backend"):
+        EngineConfig(model_path=tiny_llama31_path, lora_backend="cuda")
