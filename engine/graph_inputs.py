@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels.meta import NO_SLOT
 from engine.scheduler import ScheduledSeq
-
-NO_ADAPTER = -1
 
 
 def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -61,7 +60,7 @@ class PaddedDecode:
 
     @property
     def has_adapters(self) -> bool:
-        return any(s != NO_ADAPTER for s in self.token_slots)
+        return any(s != NO_SLOT for s in self.token_slots)
 
 
 def pad_decode(
@@ -92,7 +91,7 @@ def pad_decode(
     slots += [pad_block * block_size] * num_pad
     ctx += [1] * num_pad
     tables += [[pad_block] for _ in range(num_pad)]
-    adapters += [NO_ADAPTER] * num_pad
+    adapters += [NO_SLOT] * num_pad
     width = max(len(t) for t in tables)
     tables = [t + [pad_block] * (width - len(t)) for t in tables]
     # As build_meta orders tokens: by slot, stable, slot -1 last (rows sharing an

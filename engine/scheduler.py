@@ -51,7 +51,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     adapter_slot: int = -1
-    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -208,7 +207,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
         self._waiting.append(seq)
 
     def _release(self, seq: Sequence) -> None:

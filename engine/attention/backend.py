@@ -12,7 +12,6 @@ backend would plug in here the same way.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Protocol
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import attend_torch
+from engine.kernels import triton_available
 
 
 class AttentionBackend(Protocol):
@@ -36,13 +36,9 @@ class AttentionBackend(Protocol):
         ...
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def select_backend(device: torch.device | str) -> AttentionBackend:
     """The best backend available for `device`: Triton decode on CUDA, else the reference."""
-    if torch.device(device).type == "cuda" and _triton_available():
+    if torch.device(device).type == "cuda" and triton_available():
         # Imported here: a CPU engine never compiles (or even imports) Triton kernels.
         from engine.attention.triton_backend import attend_triton
 

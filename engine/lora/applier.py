@@ -14,9 +14,10 @@ import torch
 
 from engine.kernels.lora_ops import Backend, Form, add_lora, choose_form, default_backend
 from engine.kernels.meta import LoraKernelMeta, build_meta
-from engine.lora.slot_pool import GROUP_PROJECTIONS, LoraSlotPool
+from engine.lora.slot_pool import LoraSlotPool
+from engine.model.lora_hook import PROJECTION_GROUPS
 
-_MAX_SLICES = max(len(p) for p in GROUP_PROJECTIONS.values())
+_MAX_GROUP_SLICES = max(len(p) for p in PROJECTION_GROUPS.values())
 
 
 class MultiLoraApplier:
@@ -58,7 +59,7 @@ class MultiLoraApplier:
         if self.meta.num_active and self.backend != "torch":
             # One float32 scratch for the shrink output, shared by every layer and group.
             self._h = torch.empty(
-                self.meta.num_tokens * _MAX_SLICES * pool.max_rank,
+                self.meta.num_tokens * _MAX_GROUP_SLICES * pool.max_rank,
                 dtype=torch.float32,
                 device=pool.device,
             )

@@ -65,11 +65,6 @@ class LoraWeights:
     def sha256(self) -> str:
         return self.summary.sha256
 
-    @property
-    def host_bytes(self) -> int:
-        """Host memory the tensors occupy (float32)."""
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
-
     def pinned(self) -> LoraWeights:
         """A copy whose tensors live in page-locked memory (needs a CUDA build), so the
         slot pool can copy them to the device asynchronously."""

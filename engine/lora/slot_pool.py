@@ -24,16 +24,11 @@ import torch
 
 from engine.lora.peft_format import LoraWeights
 from engine.model.config import ModelConfig
+from engine.model.lora_hook import PROJECTION_GROUPS
 
 GROUPS = ("qkv", "o", "gate_up", "down")
-GROUP_PROJECTIONS = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
 # projection -> (group, slice index within the group)
-SLICE_OF = {p: (g, i) for g, projs in GROUP_PROJECTIONS.items() for i, p in enumerate(projs)}
+SLICE_OF = {p: (g, i) for g, projs in PROJECTION_GROUPS.items() for i, p in enumerate(projs)}
 
 
 @dataclass
@@ -72,7 +67,7 @@ class LoraSlotPool:
         self.in_features: dict[str, int] = {}
         self.lora_a: dict[str, torch.Tensor] = {}
         self.lora_b: dict[str, torch.Tensor] = {}
-        for group, projections in GROUP_PROJECTIONS.items():
+        for group, projections in PROJECTION_GROUPS.items():
             outs = [model_config.projection_shape(p)[0] for p in projections]
             self.in_features[group] = model_config.projection_shape(projections[0])[1]
             self.slice_offsets[group] = tuple(sum(outs[:i]) for i in range(len(outs) + 1))

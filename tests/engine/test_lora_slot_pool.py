@@ -10,8 +10,9 @@ import torch
 
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.peft_format import LoraWeights, load_adapter
-from engine.lora.slot_pool import GROUP_PROJECTIONS, GROUPS, LoraSlotPool
+from engine.lora.slot_pool import GROUPS, LoraSlotPool
 from engine.model.config import ModelConfig, load_model_config
+from engine.model.lora_hook import PROJECTION_GROUPS
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama
 
 MAX_RANK = 8
@@ -51,7 +52,7 @@ def expected_delta(
 ) -> torch.Tensor:
     """The group's delta `[T, total_out]` from the per-module weights, untargeted = 0."""
     parts = []
-    for proj in GROUP_PROJECTIONS[group]:
+    for proj in PROJECTION_GROUPS[group]:
         module = weights.modules.get((layer, proj))
         if module is None:
             parts.append(torch.zeros(x.shape[0], config.projection_shape(proj)[0]))
