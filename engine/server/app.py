@@ -24,6 +24,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine import Engine
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
+from engine.lora.errors import AdapterConflictError, AdapterFormatError, AdapterPathError
 from engine.lora.registry import AdapterRegistry
 from engine.lora.slot_pool import LoraSlotPool
 from engine.metrics import EngineMetrics, serve_metrics
@@ -153,9 +154,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
         metrics=metrics,
     )
     if config.adapter_dir is not None:
-        for folder in sorted(p for p in Path(config.adapter_dir).iterdir() if p.is_dir()):
-            adapters.load(folder.name, str(folder))
-            log.info("preloaded adapter %s", folder.name)
+        _preload(adapters, Path(config.adapter_dir))
     return EngineParts(
         config=config,
         model_config=model_config,
@@ -168,6 +167,19 @@ def build_engine(config: EngineConfig) -> EngineParts:
         boot_id=uuid.uuid4().hex,
         metrics=metrics,
     )
+
+
+def _preload(adapters: AdapterRegistry, adapter_dir: Path) -> None:
+    """Loads every adapter folder under `adapter_dir` (folder name = id). A folder that
+    cannot be served is skipped with its reason: one bad adapter must not keep the
+    engine, and everyone else's adapters, from starting."""
+    for folder in sorted(p for p in adapter_dir.iterdir() if p.is_dir()):
+        try:
+            adapters.load(folder.name, str(folder))
+        except (AdapterFormatError, AdapterPathError, AdapterConflictError) as exc:
+            log.error("skipping adapter folder %s: %s", folder, exc)
+        else:
+            log.info("preloaded adapter %s", folder.name)
 
 
 def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:

@@ -155,3 +155,18 @@ def test_an_engine_under_a_control_plane_needs_the_admin_token(tiny_llama31_path
         EngineConfig(model_path=tiny_llama31_path, control_plane="127.0.0.1:50050")
     with pytest.raises(ValueError, match="--lora-backend"):
         EngineConfig(model_path=tiny_llama31_path, lora_backend="cuda")
+
+
+def test_a_bad_folder_in_the_adapter_dir_is_skipped_and_the_rest_served(
+    tiny_llama31_path, tmp_path
+):
+    root = tmp_path / "adapters"
+    make_peft_adapter(
+        tiny_llama31_path, root / "good", r=4, alpha=8, target_modules=["q_proj"], seed=1
+    )
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    with running_engine(config_for(tiny_llama31_path, adapter_dir=root)) as running:
+        listing = running.admin.ListAdapters(admin_pb.ListAdaptersRequest()).adapters
+        assert [a.adapter_id for a in listing] == ["good"]
+        assert running.generate(ids_request([5, 6], 3, adapter="good")).completion_tokens == 3
