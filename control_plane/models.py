@@ -226,8 +226,12 @@ class Placement(Base):
     engine_id: Mapped[int] = mapped_column(ForeignKey("engines.id", ondelete="CASCADE"), index=True)
     desired_state: Mapped[str] = mapped_column(String(16))
     observed_state: Mapped[str] = mapped_column(String(16), default=PlacementObserved.UNKNOWN)
+    # Failed loads in a row (any code): drives the backoff.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # True when the engine refused the adapter itself (not a transient failure).
+    # Refusals with a permanent code in a row; any other outcome starts it again at 0.
+    permanent_refusals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set once `permanent_refusals` reaches the limit: the engine refused the adapter
+    # itself (not a transient failure), and is not asked again while it runs.
     permanent_failure: Mapped[bool] = mapped_column(default=False)
     last_error: Mapped[str | None] = mapped_column(Text)
     next_retry_at: Mapped[datetime | None]

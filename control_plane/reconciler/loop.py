@@ -1,24 +1,28 @@
 """The reconciler's loop: a pass every interval, and at once when nudged after a change.
 
-A pass: lease engines (store) → push the key table and read what each engine holds
-(EngineAdmin) → `desired_placements` + `plan` (pure) → Load/Evict calls → record
-outcomes, backoff and failures (store). Database work runs in threads; engine calls
-run concurrently across engines and in plan order within one engine.
+A pass: lease engines (store) → read what each engine holds (EngineAdmin) →
+`desired_placements` + `plan` (pure) → Load/Evict calls → record outcomes, backoff and
+failures (store). Database work runs in threads; engine calls run concurrently across
+engines and in plan order within one engine. Beside the passes run two tasks: the key
+table pushes (key_sync.py), so a revocation never waits for a slow Load, and the lease
+renewals, so a long pass keeps its engines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import grpc
 
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.reconciler.config import ReconcilerConfig
 from control_plane.reconciler.engine_client import EngineClient
+from control_plane.reconciler.key_sync import KeyPusher
 from control_plane.reconciler.plan import (
     Action,
     Evict,
@@ -29,24 +33,8 @@ from control_plane.reconciler.plan import (
 )
 from control_plane.reconciler.store import LoadOutcome, PassResult, ReconcileStore
 
+__all__ = ["PassReport", "Reconciler", "ReconcilerConfig"]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReconcilerConfig:
-    interval_s: float = 2.0
-    heartbeat_timeout_s: float = 10.0
-    lease_s: float = 30.0
-    retry_base_s: float = 1.0
-    retry_cap_s: float = 60.0
-    # A load refused with one of these codes this many times in a row is final.
-    fail_after_attempts: int = 3
-    permanent_codes: frozenset[str] = frozenset(
-        {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED"}
-    )
-    rpc_timeout_s: float = 10.0
-    load_timeout_s: float = 120.0
-    owner: str = field(default_factory=lambda: f"cp-{uuid.uuid4().hex[:12]}")
 
 
 @dataclass(frozen=True)
@@ -59,8 +47,12 @@ class PassReport:
 
 class Reconciler:
     def __init__(
-        self, config: ReconcilerConfig, store: ReconcileStore, client: EngineClient,
-        clock: Callable[[], datetime], metrics: ControlPlaneMetrics | None = None,
+        self,
+        config: ReconcilerConfig,
+        store: ReconcileStore,
+        client: EngineClient,
+        clock: Callable[[], datetime],
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics if metrics is not None else ControlPlaneMetrics()
@@ -70,16 +62,29 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pass_lock = asyncio.Lock()
+        self._keys = KeyPusher(
+            store,
+            client,
+            clock,
+            config.key_sync_interval_s,
+            timedelta(seconds=config.gone_after_s),
+        )
+        # time.monotonic() when the leases this replica last wrote run out.
+        self._lease_deadline = 0.0
 
     def nudge(self) -> None:
-        """Ask for a pass soon. Safe from any thread."""
+        """Ask for a key table round and a pass soon. Safe from any thread."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(self._wake.set)
+            loop.call_soon_threadsafe(self._wake_all)
         except RuntimeError:
             pass  # the loop is shutting down
+
+    def _wake_all(self) -> None:
+        self._wake.set()
+        self._keys.wake()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -87,6 +92,10 @@ class Reconciler:
     async def run(self) -> None:
         """Pass after pass until cancelled; a failed pass is logged and retried later."""
         self.bind(asyncio.get_running_loop())
+        helpers = [
+            asyncio.create_task(self._keys.run(), name="key-sync"),
+            asyncio.create_task(self._renew_leases(), name="lease-renewal"),
+        ]
         try:
             while True:
                 self._wake.clear()
@@ -99,7 +108,22 @@ class Reconciler:
                 except TimeoutError:
                     pass
         finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             await asyncio.shield(asyncio.to_thread(self._store.release, self._config.owner))
+
+    async def _renew_leases(self) -> None:
+        """Renew this replica's leases every `lease_s / 3`, in and between passes."""
+        while True:
+            await asyncio.sleep(self._config.renew_every_s)
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(self._store.renew, self._config.owner, self._clock())
+            except Exception:
+                log.exception("cannot renew engine leases; calls stop before they lapse")
+                continue
+            self._lease_deadline = max(self._lease_deadline, started + self._config.lease_s)
 
     async def reconcile_once(self) -> PassReport:
         async with self._pass_lock:
@@ -108,18 +132,18 @@ class Reconciler:
 
     async def _pass(self) -> PassReport:
         now = self._clock()
+        started = time.monotonic()
         snapshot, stale = await asyncio.to_thread(self._store.begin_pass, self._config.owner, now)
+        self._lease_deadline = max(self._lease_deadline, started + self._config.lease_s)
         for address in stale:
             log.warning("engine %s missed its heartbeats; nothing is placed on it", address)
         observed: dict[int, dict[str, ObservedAdapter]] = {}
 
         async def observe(engine_id: int, address: str) -> None:
             try:
-                await self._client.sync_keys(address, snapshot.key_generation, snapshot.keys)
                 observed[engine_id] = await self._client.list_adapters(address)
             except grpc.aio.AioRpcError as exc:
-                log.warning("engine %s unreachable: %s %s", address, exc.code().name,
-                            exc.details())
+                log.warning("engine %s unreachable: %s %s", address, exc.code().name, exc.details())
 
         await asyncio.gather(*(observe(e, a) for e, a in snapshot.addresses.items()))
         desired = desired_placements(snapshot.versions, snapshot.engines, snapshot.placements)
@@ -127,14 +151,18 @@ class Reconciler:
         by_engine: dict[int, list[Action]] = {}
         for action in actions:
             by_engine.setdefault(action.engine_id, []).append(action)
-        results = await asyncio.gather(*(
-            self._apply(snapshot.addresses[e], steps, observed[e])
-            for e, steps in by_engine.items()
-        ))
+        results = await asyncio.gather(
+            *(
+                self._apply(snapshot.addresses[e], steps, observed[e])
+                for e, steps in by_engine.items()
+            )
+        )
         loads = tuple(o for outcomes, _ in results for o in outcomes)
         evictions = sum(n for _, n in results)
         failed_versions = await asyncio.to_thread(
-            self._store.finish_pass, desired, PassResult(observed=observed, loads=loads),
+            self._store.finish_pass,
+            desired,
+            PassResult(observed=observed, loads=loads),
             self._clock(),
         )
         if failed_versions:
@@ -150,23 +178,40 @@ class Reconciler:
     ) -> tuple[list[LoadOutcome], int]:
         """Run one engine's steps in order; evictions update `held` in place.
 
+        A step starts only if this replica's lease outlasts the call (renewals can fail
+        when the database is out of reach); the steps left over wait for a later pass.
         Returns the load outcomes and the number of successful evictions.
         """
         outcomes = []
         evictions = 0
-        for step in steps:
+        for done, step in enumerate(steps):
+            timeout = (
+                self._config.load_timeout_s
+                if isinstance(step, Load)
+                else self._config.rpc_timeout_s
+            )
+            if time.monotonic() + timeout > self._lease_deadline:
+                log.warning(
+                    "the lease on %s could lapse during the next call; %d calls "
+                    "wait for a later pass",
+                    address,
+                    len(steps) - done,
+                )
+                break
             if isinstance(step, Evict):
                 code, message = await self._client.evict(address, step.adapter_id)
                 if code:
-                    log.warning("evict %s on %s failed: %s %s", step.adapter_id, address,
-                                code, message)
+                    log.warning(
+                        "evict %s on %s failed: %s %s", step.adapter_id, address, code, message
+                    )
                 else:
                     held.pop(step.adapter_id, None)
                     evictions += 1
             elif isinstance(step, Load):
                 code, message = await self._client.load(address, step)
                 if code:
-                    log.warning("load %s on %s failed: %s %s", step.adapter_id, address,
-                                code, message)
+                    log.warning(
+                        "load %s on %s failed: %s %s", step.adapter_id, address, code, message
+                    )
                 outcomes.append(LoadOutcome(step.version_id, step.engine_id, code, message))
         return outcomes, evictions

@@ -1,11 +1,14 @@
-"""The reconciler's database side: a snapshot before a pass, the outcomes after it."""
+"""The reconciler's database side: a snapshot before a pass, the outcomes after it,
+lease renewals, and the key table with the engines it goes to."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from control_plane.models import (
@@ -47,8 +50,18 @@ class Snapshot:
     engines: tuple[EngineView, ...]
     addresses: Mapping[int, str]  # engine id -> address, for the engines this replica holds
     placements: Mapping[PlacementKey, PlacementView]
-    key_generation: int
-    keys: tuple[tuple[str, str, str], ...]  # (key_id, secret_hash, tenant)
+
+
+@dataclass(frozen=True)
+class KeyTarget:
+    """An engine that should hold the key table; a new boot id means an empty table."""
+
+    engine_id: int
+    address: str
+    boot_id: str
+
+
+KeyTable = tuple[tuple[str, str, str], ...]  # (key_id, secret_hash, tenant)
 
 
 @dataclass(frozen=True)
@@ -70,8 +83,14 @@ class PassResult:
 
 class ReconcileStore:
     def __init__(
-        self, ctx: ServiceContext, *, heartbeat_timeout: timedelta, lease: timedelta,
-        retry_base: timedelta, retry_cap: timedelta, fail_after_attempts: int,
+        self,
+        ctx: ServiceContext,
+        *,
+        heartbeat_timeout: timedelta,
+        lease: timedelta,
+        retry_base: timedelta,
+        retry_cap: timedelta,
+        fail_after_attempts: int,
         permanent_codes: frozenset[str],
     ) -> None:
         self._ctx = ctx
@@ -93,17 +112,17 @@ class ReconcileStore:
             claimed = set(engines.claim(owner, now, now + self._lease))
             for address in stale:
                 AuditRepository(session).record(ACTOR, "engine.stale", address, now)
-            # Generation before keys: see TenantService.key_table.
-            generation = KeyTableGeneration(session).current()
-            keys = tuple(ApiKeyRepository(session).accepted_keys())
             all_engines = engines.all()
             versions = tuple(
                 VersionSpec(
                     version_id=row.id,
                     adapter_id=version_adapter_id(row.tenant, row.name, row.number),
-                    tenant=row.tenant, path=row.path, sha256=row.sha256,
+                    tenant=row.tenant,
+                    path=row.path,
+                    sha256=row.sha256,
                     aliases=(adapter_alias(row.tenant, row.name),) if row.current else (),
-                    base_model_id=row.base_model_id, replicas=row.replicas,
+                    base_model_id=row.base_model_id,
+                    replicas=row.replicas,
                 )
                 for row in active_version_rows(session)
             )
@@ -117,7 +136,7 @@ class ReconcileStore:
                     for e in all_engines
                 ),
                 addresses={e.id: e.address for e in all_engines if e.id in claimed},
-                placements=placements, key_generation=generation, keys=keys,
+                placements=placements,
             ), stale
 
     def finish_pass(self, desired: Desired, result: PassResult, now: datetime) -> list[str]:
@@ -149,6 +168,7 @@ class ReconcileStore:
                     self._record_load(row, outcome, now)
                 elif is_held:
                     row.observed_state = PlacementObserved.LOADED
+                    row.permanent_refusals = 0  # held: the refusals are no longer in a row
                 elif row.observed_state != PlacementObserved.FAILED:
                     row.observed_state = PlacementObserved.ABSENT
                 row.updated_at = now
@@ -161,67 +181,112 @@ class ReconcileStore:
             session.flush()
             return self._fail_versions(session, now)
 
+    def renew(self, owner: str, now: datetime) -> int:
+        """Extend the leases `owner` holds to `now` + the lease; how many it holds."""
+        with self._ctx.sessions.begin() as session:
+            return EngineRepository(session).renew(owner, now + self._lease)
+
     def release(self, owner: str) -> None:
         with self._ctx.sessions.begin() as session:
             EngineRepository(session).release(owner)
 
+    def key_targets(self, now: datetime, gone_after: timedelta) -> tuple[int, list[KeyTarget]]:
+        """The key table's generation, and every engine heard from within `gone_after`.
+
+        Stale engines are included: staleness stops placement, not key updates.
+        """
+        with self._ctx.sessions.begin() as session:
+            generation = KeyTableGeneration(session).current()
+            engines = EngineRepository(session).heard_from_since(now - gone_after)
+            return generation, [KeyTarget(e.id, e.address, e.boot_id) for e in engines]
+
+    def key_table(self) -> tuple[int, KeyTable]:
+        """`(generation, keys)`: the generation is read first (see KeyTableGeneration)."""
+        with self._ctx.sessions.begin() as session:
+            generation = KeyTableGeneration(session).current()
+            return generation, tuple(ApiKeyRepository(session).accepted_keys())
+
     def _record_load(self, row: Placement, outcome: LoadOutcome, now: datetime) -> None:
         if not outcome.code:
             row.observed_state = PlacementObserved.LOADED
-            row.attempts, row.permanent_failure = 0, False
+            row.attempts, row.permanent_refusals, row.permanent_failure = 0, 0, False
             row.last_error, row.next_retry_at = None, None
             return
         row.observed_state = PlacementObserved.FAILED
         row.attempts += 1
+        # Only refusals in a row are final: one timeout in between says the engine may
+        # not have judged the adapter itself (a file still being copied, a busy disk).
+        permanent = outcome.code in self._permanent_codes
+        row.permanent_refusals = row.permanent_refusals + 1 if permanent else 0
         row.last_error = f"{outcome.code}: {outcome.message}"
         row.next_retry_at = now + retry_delay(row.attempts, self._retry_base, self._retry_cap)
-        row.permanent_failure = (
-            outcome.code in self._permanent_codes and row.attempts >= self._fail_after
-        )
+        row.permanent_failure = row.permanent_refusals >= self._fail_after
 
     def _fail_versions(self, session: Session, now: datetime) -> list[str]:
-        specs = _active_specs(session)
+        rows = active_version_rows(session)
+        specs = _specs(rows)
         engines = [
             EngineView(e.id, e.base_model_id, e.state == EngineState.LIVE)
             for e in EngineRepository(session).all()
         ]
         views = {(p.version_id, p.engine_id): _view(p) for p in PlacementRepository(session).all()}
         failed = versions_to_fail(specs, engines, views)
+        owner = {row.id: row.adapter_id for row in rows}
+        label = {s.version_id: s.adapter_id for s in specs}
         adapters = AdapterRepository(session)
-        for version_id, reason in failed.items():
-            version = session.get_one(AdapterVersion, version_id)
+        marked = []
+        # Adapter row first, then the version: the order RetireAdapter and RegisterAdapter
+        # lock in (no deadlock), and the alias is chosen from what is committed now (no
+        # lost update of a version registered since the snapshot).
+        for version_id in sorted(failed, key=lambda v: (owner[v], v)):
+            adapter = session.get_one(
+                Adapter, owner[version_id], with_for_update=True, populate_existing=True
+            )
+            version = session.get_one(
+                AdapterVersion, version_id, with_for_update=True, populate_existing=True
+            )
+            if version.state != VersionState.ACTIVE:
+                continue  # retired while this pass ran: that decision stands
             version.state = VersionState.FAILED
-            version.failure_reason = reason
-            adapter = session.get_one(Adapter, version.adapter_id)
+            version.failure_reason = failed[version_id]
             session.flush()
             if adapter.current_version_id == version_id:
                 newest = adapters.newest_active(adapter.id)
                 adapter.current_version_id = None if newest is None else newest.id
             AuditRepository(session).record(
-                ACTOR, "adapter.fail", _spec_id(specs, version_id), now, {"reason": reason}
+                ACTOR, "adapter.fail", label[version_id], now, {"reason": failed[version_id]}
             )
-        return [_spec_id(specs, v) for v in failed]
+            marked.append(label[version_id])
+        return marked
 
 
 def _active_specs(session: Session) -> list[VersionSpec]:
+    return _specs(active_version_rows(session))
+
+
+def _specs(rows: Sequence[Row[Any]]) -> list[VersionSpec]:
     return [
         VersionSpec(
-            version_id=row.id, adapter_id=version_adapter_id(row.tenant, row.name, row.number),
-            tenant=row.tenant, path=row.path, sha256=row.sha256, aliases=(),
-            base_model_id=row.base_model_id, replicas=row.replicas,
+            version_id=row.id,
+            adapter_id=version_adapter_id(row.tenant, row.name, row.number),
+            tenant=row.tenant,
+            path=row.path,
+            sha256=row.sha256,
+            aliases=(),
+            base_model_id=row.base_model_id,
+            replicas=row.replicas,
         )
-        for row in active_version_rows(session)
+        for row in rows
     ]
-
-
-def _spec_id(specs: list[VersionSpec], version_id: int) -> str:
-    return next((s.adapter_id for s in specs if s.version_id == version_id), str(version_id))
 
 
 def _view(p: Placement) -> PlacementView:
     return PlacementView(
-        version_id=p.version_id, engine_id=p.engine_id,
-        desired=p.desired_state == PlacementDesired.LOADED, attempts=p.attempts,
-        permanent_failure=p.permanent_failure, next_retry_at=p.next_retry_at,
+        version_id=p.version_id,
+        engine_id=p.engine_id,
+        desired=p.desired_state == PlacementDesired.LOADED,
+        attempts=p.attempts,
+        permanent_failure=p.permanent_failure,
+        next_retry_at=p.next_retry_at,
         last_error=p.last_error or "",
     )

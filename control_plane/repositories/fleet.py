@@ -52,9 +52,11 @@ class EngineRepository:
         """Engines with their base model's name and number of desired placements."""
         placements = (
             select(func.count(Placement.id))
-            .where(Placement.engine_id == Engine.id,
-                   Placement.desired_state == PlacementDesired.LOADED)
-            .correlate(Engine).scalar_subquery()
+            .where(
+                Placement.engine_id == Engine.id, Placement.desired_state == PlacementDesired.LOADED
+            )
+            .correlate(Engine)
+            .scalar_subquery()
         )
         query = (
             select(Engine, BaseModel.name, placements)
@@ -65,12 +67,16 @@ class EngineRepository:
 
     def mark_stale(self, heartbeat_before: datetime) -> list[str]:
         """Mark live engines whose last heartbeat is older than the cutoff; their addresses."""
-        return list(self._session.scalars(
-            update(Engine)
-            .where(Engine.state == EngineState.LIVE, Engine.last_heartbeat_at < heartbeat_before)
-            .values(state=EngineState.STALE)
-            .returning(Engine.address)
-        ))
+        return list(
+            self._session.scalars(
+                update(Engine)
+                .where(
+                    Engine.state == EngineState.LIVE, Engine.last_heartbeat_at < heartbeat_before
+                )
+                .values(state=EngineState.STALE)
+                .returning(Engine.address)
+            )
+        )
 
     def claim(self, owner: str, now: datetime, lease_until: datetime) -> list[int]:
         """Lease the live engines no other replica holds; ids of the engines now ours.
@@ -82,8 +88,13 @@ class EngineRepository:
         query = (
             select(Engine)
             .where(Engine.state == EngineState.LIVE)
-            .where(or_(Engine.lease_owner.is_(None), Engine.lease_owner == owner,
-                       Engine.lease_until < now))
+            .where(
+                or_(
+                    Engine.lease_owner.is_(None),
+                    Engine.lease_owner == owner,
+                    Engine.lease_until < now,
+                )
+            )
             .order_by(Engine.id)
             .with_for_update(skip_locked=True)
         )
@@ -94,15 +105,33 @@ class EngineRepository:
         self._session.flush()
         return [e.id for e in claimed]
 
+    def renew(self, owner: str, lease_until: datetime) -> int:
+        """Extend every lease `owner` holds; the number of engines it holds.
+
+        A lease another replica took over after it ran out is not `owner`'s any more and
+        stays as it is.
+        """
+        result = self._session.execute(
+            update(Engine).where(Engine.lease_owner == owner).values(lease_until=lease_until)
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def heard_from_since(self, cutoff: datetime) -> list[Engine]:
+        """Engines, live or stale, whose last heartbeat is not older than the cutoff."""
+        query = select(Engine).where(Engine.last_heartbeat_at >= cutoff).order_by(Engine.id)
+        return list(self._session.scalars(query))
+
     def release(self, owner: str) -> None:
         self._session.execute(
-            update(Engine).where(Engine.lease_owner == owner)
+            update(Engine)
+            .where(Engine.lease_owner == owner)
             .values(lease_owner=None, lease_until=None)
         )
 
     def link_fingerprint(self, fingerprint: str, base_model_id: int) -> int:
         result = self._session.execute(
-            update(Engine).where(Engine.model_fingerprint == fingerprint)
+            update(Engine)
+            .where(Engine.model_fingerprint == fingerprint)
             .values(base_model_id=base_model_id)
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
@@ -123,8 +152,13 @@ class PlacementRepository:
 
     def add(self, version_id: int, engine_id: int, now: datetime) -> Placement:
         placement = Placement(
-            version_id=version_id, engine_id=engine_id, desired_state=PlacementDesired.LOADED,
-            observed_state=PlacementObserved.UNKNOWN, attempts=0, permanent_failure=False,
+            version_id=version_id,
+            engine_id=engine_id,
+            desired_state=PlacementDesired.LOADED,
+            observed_state=PlacementObserved.UNKNOWN,
+            attempts=0,
+            permanent_refusals=0,
+            permanent_failure=False,
             updated_at=now,
         )
         self._session.add(placement)
@@ -138,25 +172,38 @@ class PlacementRepository:
     def reset_engine(self, engine_id: int, now: datetime) -> None:
         """Forget what an engine held and its backoff (it restarted: it holds nothing)."""
         self._session.execute(
-            update(Placement).where(Placement.engine_id == engine_id).values(
-                observed_state=PlacementObserved.UNKNOWN, attempts=0, permanent_failure=False,
-                next_retry_at=None, last_error=None, updated_at=now,
+            update(Placement)
+            .where(Placement.engine_id == engine_id)
+            .values(
+                observed_state=PlacementObserved.UNKNOWN,
+                attempts=0,
+                permanent_refusals=0,
+                permanent_failure=False,
+                next_retry_at=None,
+                last_error=None,
+                updated_at=now,
             )
         )
 
     def for_version(self, version_id: int) -> list[Placement]:
-        return list(self._session.scalars(
-            select(Placement).where(Placement.version_id == version_id)
-        ))
+        return list(
+            self._session.scalars(select(Placement).where(Placement.version_id == version_id))
+        )
 
 
 def active_version_rows(session: Session) -> Sequence[Row[Any]]:
     """Every active version with what the reconciler needs to place it."""
     query = (
         select(
-            AdapterVersion.id, AdapterVersion.number, AdapterVersion.path,
-            AdapterVersion.sha256, AdapterVersion.base_model_id, AdapterVersion.replicas,
-            Adapter.id.label("adapter_id"), Adapter.name, Tenant.name.label("tenant"),
+            AdapterVersion.id,
+            AdapterVersion.number,
+            AdapterVersion.path,
+            AdapterVersion.sha256,
+            AdapterVersion.base_model_id,
+            AdapterVersion.replicas,
+            Adapter.id.label("adapter_id"),
+            Adapter.name,
+            Tenant.name.label("tenant"),
             (Adapter.current_version_id == AdapterVersion.id).label("current"),
         )
         .join(Adapter, AdapterVersion.adapter_id == Adapter.id)

@@ -47,12 +47,16 @@ async def run_control_link(
     `key_table`, when given, reports which keys were used (ApiKey.last_used_at).
     """
     metadata = (("authorization", f"Bearer {config.admin_token}"),)
+    # Key usage not yet acknowledged by a heartbeat: `{key_id: unix time of last use}`.
+    # It outlives a registration, so usage drained just before the control plane asked
+    # for a new one is still reported after it.
+    pending: dict[str, float] = {}
     async with grpc.aio.insecure_channel(config.control_plane) as channel:
         stub = pb_grpc.ControlPlaneStub(channel)
         while True:
             engine_id = await _register(stub, config, engine_info, metadata)
             await _heartbeat_until_forgotten(
-                stub, config, engine_info, key_table, metadata, engine_id
+                stub, config, engine_info, key_table, metadata, engine_id, pending
             )
 
 
@@ -105,9 +109,12 @@ async def _heartbeat_until_forgotten(
     key_table: ApiKeyTable | None,
     metadata: tuple[tuple[str, str], ...],
     engine_id: int,
+    pending: dict[str, float],
 ) -> None:
-    """Heartbeat every interval; return when the control plane wants a new registration."""
-    pending: dict[str, float] = {}
+    """Heartbeat every interval; return when the control plane wants a new registration.
+
+    `pending` (key usage to report) is updated in place and cleared once acknowledged.
+    """
     while True:
         await asyncio.sleep(config.heartbeat_interval_s)
         if key_table is not None:
@@ -127,7 +134,7 @@ async def _heartbeat_until_forgotten(
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _REREGISTER:
                 log.warning("control plane asks this engine to register again: %s", exc.details())
-                return
+                return  # key usage stays pending for the first heartbeat after it
             log.warning(
                 "heartbeat to %s failed (%s: %s)",
                 config.control_plane,

@@ -9,16 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.config import ControlPlaneConfig
+from control_plane.models import Engine, Placement
 from control_plane.reconciler.loop import ReconcilerConfig
-from control_plane.repositories.fleet import EngineRepository
 from engine.config import EngineConfig
 from engine.server.auth import AuthError
 from loraplex.v1 import control_plane_pb2 as pb
@@ -200,7 +201,7 @@ def test_a_version_no_engine_can_load_is_marked_failed(
         assert adapter.current_version == 1
 
 
-def test_restart_reloads_and_silent_engines_lose_their_replicas(
+def test_a_silent_engine_loses_its_replicas(
     cp: ControlPlaneHandle,
     base_dir: Path,
     adapter_root: Path,
@@ -238,40 +239,46 @@ def test_restart_reloads_and_silent_engines_lose_their_replicas(
         engines = cp.client().ListEngines(pb.ListEnginesRequest()).engines
         assert sorted(e.state for e in engines) == [pb.ENGINE_STATE_LIVE, pb.ENGINE_STATE_STALE]
 
-        # Simulate an engine restart: its adapters vanish and its boot id changes.
-        parts = spare.parts
-        for adapter_id in list(held(spare)):
-            parts.adapters.evict(adapter_id)
-        parts.boot_id = "restarted"
-        wait_for(
-            lambda: set(held(spare)) == {"acme/everywhere@1", "acme/once@1"},
-            15,
-            "everything reloaded after the restart",
+
+def test_a_restarted_engine_gets_its_adapters_back_and_a_clean_slate(
+    cp: ControlPlaneHandle,
+    base_dir: Path,
+    adapter_root: Path,
+    good_adapter: Path,
+    other_adapter: Path,
+    sessions: sessionmaker[Session],
+) -> None:
+    registered(cp, base_dir)
+
+    def refused_for_good(address: str) -> bool:
+        query = (
+            select(Placement.id)
+            .join(Engine)
+            .where(Engine.address == address, Placement.permanent_failure.is_(True))
         )
+        with sessions() as session:
+            return session.scalars(query).first() is not None
 
-
-def test_two_replicas_never_share_an_engine(clean_db: str, sessions: Any) -> None:
-    now = datetime.now(UTC)
-    with sessions.begin() as session:
-        engines = EngineRepository(session)
-        for i in range(4):
-            engines.add(
-                address=f"127.0.0.1:{7000 + i}",
-                boot_id="b",
-                model_fingerprint="f",
-                registered_at=now,
-                last_heartbeat_at=now,
+    with running_engine(engine_config(base_dir, adapter_root, cp)) as spare:
+        # A's slots take rank 4 at most: it refuses the rank-8 adapter for good.
+        with running_engine(engine_config(base_dir, adapter_root, cp, max_lora_rank=4)) as a:
+            address = f"127.0.0.1:{a.port}"
+            wait_for(lambda: len(cp.client().ListEngines(pb.ListEnginesRequest()).engines) == 2)
+            register(cp, "small", good_adapter)
+            register(cp, "big", other_adapter)
+            wait_for(lambda: set(held(spare)) == {"acme/small@1", "acme/big@1"}, 10, "spare")
+            wait_for(lambda: "acme/small@1" in held(a), 10, "small on A")
+            wait_for(lambda: refused_for_good(address), 10, "A to refuse big for good")
+        # A restarts at the same address (a new boot id), now with room for rank 8: what
+        # the old process refused is asked again, and what it held comes back.
+        config = engine_config(base_dir, adapter_root, cp, port=int(address.split(":")[1]))
+        with running_engine(config) as again:
+            wait_for(
+                lambda: set(held(again)) == {"acme/small@1", "acme/big@1"},
+                10,
+                "both adapters on the restarted engine",
             )
-    lease = now + timedelta(seconds=30)
-    with sessions.begin() as one, sessions.begin() as two:
-        mine = EngineRepository(one).claim("replica-1", now, lease)
-        theirs = EngineRepository(two).claim("replica-2", now, lease)  # skips locked rows
-    assert sorted(mine + theirs) == [1, 2, 3, 4] and not set(mine) & set(theirs)
-    with sessions.begin() as session:  # leases hold after the transactions ended
-        assert EngineRepository(session).claim("replica-2", now, lease) == theirs
-        assert EngineRepository(session).claim("replica-3", now, lease) == []
-        later = now + timedelta(seconds=31)
-        assert len(EngineRepository(session).claim("replica-3", later, later)) == 4
+            assert not refused_for_good(address)
 
 
 def test_concurrent_registration_creates_one_version(
