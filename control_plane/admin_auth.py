@@ -13,6 +13,8 @@ OPEN_METHODS = frozenset({SERVICE_PREFIX + "ResolveAdapter"})
 
 
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+    """The bearer token sent; None without authorization metadata, "" when it is empty
+    or not of the Bearer scheme."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
             text = value.decode() if isinstance(value, bytes) else value
@@ -22,9 +24,7 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | 
 
 
 def is_admin_token(presented: str | None, admin_token: str) -> bool:
-    return bool(presented) and hmac.compare_digest(
-        (presented or "").encode(), admin_token.encode()
-    )
+    return bool(presented) and hmac.compare_digest((presented or "").encode(), admin_token.encode())
 
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -41,15 +41,28 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         token = bearer_token(details.invocation_metadata)  # type: ignore[arg-type]
         if token is None:
-            return _refuse(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing credentials: send 'authorization: Bearer <admin token>'")
+            return _refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send 'authorization: Bearer <admin token>'",
+            )
+        if not token:  # e.g. a client started with LORAPLEX_ADMIN_TOKEN unset
+            return _refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no admin token sent (the authorization metadata must read "
+                "'Bearer <admin token>'); set LORAPLEX_ADMIN_TOKEN or pass "
+                "--admin-token",
+            )
         if token.startswith("lpx_"):
-            return _refuse(grpc.StatusCode.PERMISSION_DENIED,
-                           "a tenant's API key cannot call admin RPCs; use the admin token")
+            return _refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "a tenant's API key cannot call admin RPCs; use the admin token",
+            )
         if not is_admin_token(token, self._admin_token):
-            return _refuse(grpc.StatusCode.UNAUTHENTICATED,
-                           "the admin token is wrong; admin RPCs need the control plane's "
-                           "admin token (LORAPLEX_ADMIN_TOKEN)")
+            return _refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the admin token is wrong; admin RPCs need the control plane's "
+                "admin token (LORAPLEX_ADMIN_TOKEN)",
+            )
         return await continuation(details)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -14,7 +14,7 @@ def normalize_url(url: str) -> str:
     """`postgresql://` and `postgres://` mean psycopg 3; other URLs pass unchanged."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -23,7 +23,13 @@ def sqlite_url(path: Path) -> str:
 
 
 def make_db_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an Engine; for SQLite, create the file's folder and enforce foreign keys."""
+    """Create an Engine; for SQLite, create the file's folder and enforce foreign keys.
+
+    On SQLite every transaction starts with `BEGIN IMMEDIATE`: it takes the database's
+    write lock before its first read, so a transaction's reads and writes are atomic
+    (SQLite has no row locks; `with_for_update` is a no-op there, and this is what
+    serializes, say, two registrations of one tenant).
+    """
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -32,7 +38,8 @@ def make_db_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
@@ -41,8 +48,15 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite would otherwise BEGIN only before the first write, leaving a transaction's
+    # reads outside it; SQLAlchemy's documented recipe: turn that off and BEGIN ourselves.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -50,9 +50,11 @@ def _translated(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise  # unreachable: abort raises
         except Exception:
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                "internal error in the control plane; see its log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "internal error in the control plane; see its log"
+            )
             raise
+
     return wrapper
 
 
@@ -114,8 +116,11 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self, request: pb.RegisterBaseModelRequest, context: Any
     ) -> pb.BaseModel:
         record = await asyncio.to_thread(
-            self._s.base_models.register_base_model, request.name, request.path,
-            request.max_lora_rank, _actor(context),
+            self._s.base_models.register_base_model,
+            request.name,
+            request.path,
+            request.max_lora_rank,
+            _actor(context),
         )
         return convert.base_model(record)
 
@@ -128,18 +133,23 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     async def RegisterAdapter(
         self, request: pb.RegisterAdapterRequest, context: Any
     ) -> pb.AdapterVersion:
-        record = await asyncio.to_thread(functools.partial(
-            self._s.adapters.register_adapter, request.tenant, request.name, request.uri,
-            request.base_model, sha256=request.sha256, replicas=request.replicas,
-            actor=_actor(context),
-        ))
+        record = await asyncio.to_thread(
+            functools.partial(
+                self._s.adapters.register_adapter,
+                request.tenant,
+                request.name,
+                request.uri,
+                request.base_model,
+                sha256=request.sha256,
+                replicas=request.replicas,
+                actor=_actor(context),
+            )
+        )
         return convert.version(record)
 
     @_translated
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: Any) -> pb.Adapter:
-        record = await asyncio.to_thread(
-            self._s.adapters.get_adapter, request.tenant, request.name
-        )
+        record = await asyncio.to_thread(self._s.adapters.get_adapter, request.tenant, request.name)
         return convert.adapter(record)
 
     @_translated
@@ -159,7 +169,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self, request: pb.RetireAdapterRequest, context: Any
     ) -> pb.RetireAdapterResponse:
         retired, adapter = await asyncio.to_thread(
-            self._s.adapters.retire_adapter, request.tenant, request.name, request.version,
+            self._s.adapters.retire_adapter,
+            request.tenant,
+            request.name,
+            request.version,
             _actor(context),
         )
         return pb.RetireAdapterResponse(
@@ -171,7 +184,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self, request: pb.RegisterEngineRequest, context: Any
     ) -> pb.RegisterEngineResponse:
         registration = await asyncio.to_thread(
-            self._s.engines.register_engine, request.address, convert.engine_facts(request.info),
+            self._s.engines.register_engine,
+            request.address,
+            convert.engine_facts(request.info),
             f"engine@{request.address}",
         )
         return pb.RegisterEngineResponse(
@@ -182,8 +197,11 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         usage = {u.key_id: convert.from_timestamp(u.last_used_at) for u in request.key_usage}
         await asyncio.to_thread(
-            self._s.engines.heartbeat, request.engine_id, request.boot_id,
-            convert.engine_facts(request.info), usage,
+            self._s.engines.heartbeat,
+            request.engine_id,
+            request.boot_id,
+            convert.engine_facts(request.info),
+            usage,
         )
         return pb.HeartbeatResponse()
 
@@ -197,9 +215,11 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self, request: pb.ResolveAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveAdapterResponse:
         token = bearer_token(context.invocation_metadata())  # type: ignore[arg-type]
-        if token is None:
-            raise ServiceError(ErrorCode.UNAUTHENTICATED,
-                               "missing credentials: send 'authorization: Bearer <api key>'")
+        if not token:
+            raise ServiceError(
+                ErrorCode.UNAUTHENTICATED,
+                "missing credentials: send 'authorization: Bearer <api key>' (or the admin token)",
+            )
         caller: str | None = None
         if not is_admin_token(token, self._admin_token):
             caller = await asyncio.to_thread(self._s.tenants.authenticate, token)
@@ -207,7 +227,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             self._s.engines.resolve_adapter, request.adapter, caller
         )
         return pb.ResolveAdapterResponse(
-            adapter_id=resolution.adapter_id, tenant=resolution.tenant, name=resolution.name,
-            version=resolution.version, base_model=resolution.base_model,
+            adapter_id=resolution.adapter_id,
+            tenant=resolution.tenant,
+            name=resolution.name,
+            version=resolution.version,
+            base_model=resolution.base_model,
             endpoints=list(resolution.endpoints),
         )

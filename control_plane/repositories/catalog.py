@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from control_plane.models import (
@@ -43,8 +43,10 @@ class BaseModelRepository:
 
     def list(self) -> list[tuple[BaseModel, int]]:
         engines = (
-            select(func.count(Engine.id)).where(Engine.base_model_id == BaseModel.id)
-            .correlate(BaseModel).scalar_subquery()
+            select(func.count(Engine.id))
+            .where(Engine.base_model_id == BaseModel.id)
+            .correlate(BaseModel)
+            .scalar_subquery()
         )
         rows = self._session.execute(select(BaseModel, engines).order_by(BaseModel.name))
         return [(m, int(n)) for m, n in rows]
@@ -66,13 +68,14 @@ class AdapterRepository:
         self._session.flush()
         return adapter
 
-    def page(
-        self, tenant_id: int | None, after_id: int, limit: int
-    ) -> list[tuple[Adapter, str]]:
+    def page(self, tenant_id: int | None, after_id: int, limit: int) -> list[tuple[Adapter, str]]:
         """Adapters with their tenant's name, in id order, after `after_id`."""
         query = (
-            select(Adapter, Tenant.name).join(Tenant)
-            .where(Adapter.id > after_id).order_by(Adapter.id).limit(limit)
+            select(Adapter, Tenant.name)
+            .join(Tenant)
+            .where(Adapter.id > after_id)
+            .order_by(Adapter.id)
+            .limit(limit)
         )
         if tenant_id is not None:
             query = query.where(Adapter.tenant_id == tenant_id)
@@ -83,7 +86,8 @@ class AdapterRepository:
         if not adapter_ids:
             return []
         query = (
-            select(AdapterVersion).where(AdapterVersion.adapter_id.in_(adapter_ids))
+            select(AdapterVersion)
+            .where(AdapterVersion.adapter_id.in_(adapter_ids))
             .order_by(AdapterVersion.adapter_id, AdapterVersion.number.desc())
         )
         return list(self._session.scalars(query))
@@ -100,17 +104,12 @@ class AdapterRepository:
         )
         return int(self._session.scalar(query) or 0) + 1
 
-    def active_identical(
-        self, adapter_id: int, sha256: str, config_sha256: str, base_model_id: int
-    ) -> AdapterVersion | None:
-        query = select(AdapterVersion).where(
-            AdapterVersion.adapter_id == adapter_id,
-            AdapterVersion.sha256 == sha256,
-            AdapterVersion.config_sha256 == config_sha256,
-            AdapterVersion.base_model_id == base_model_id,
-            AdapterVersion.state == VersionState.ACTIVE,
-        ).order_by(AdapterVersion.number.desc()).limit(1)
-        return self._session.scalars(query).first()
+    def current_active(self, adapter: Adapter) -> AdapterVersion | None:
+        """The adapter's current version if it is active; None otherwise."""
+        if adapter.current_version_id is None:
+            return None
+        version = self._session.get(AdapterVersion, adapter.current_version_id)
+        return version if version is not None and version.state == VersionState.ACTIVE else None
 
     def add_version(self, **columns: Any) -> AdapterVersion:
         version = AdapterVersion(**columns)
@@ -119,15 +118,15 @@ class AdapterRepository:
         return version
 
     def newest_active(self, adapter_id: int) -> AdapterVersion | None:
-        query = select(AdapterVersion).where(
-            AdapterVersion.adapter_id == adapter_id, AdapterVersion.state == VersionState.ACTIVE
-        ).order_by(AdapterVersion.number.desc()).limit(1)
-        return self._session.scalars(query).first()
-
-    def set_current(self, adapter_id: int, version_id: int | None) -> None:
-        self._session.execute(
-            update(Adapter).where(Adapter.id == adapter_id).values(current_version_id=version_id)
+        query = (
+            select(AdapterVersion)
+            .where(
+                AdapterVersion.adapter_id == adapter_id, AdapterVersion.state == VersionState.ACTIVE
+            )
+            .order_by(AdapterVersion.number.desc())
+            .limit(1)
         )
+        return self._session.scalars(query).first()
 
     def loaded_counts(self, version_ids: Sequence[int]) -> dict[int, int]:
         """Number of engines that report each version loaded."""
@@ -135,8 +134,10 @@ class AdapterRepository:
             return {}
         query = (
             select(Placement.version_id, func.count(Placement.id))
-            .where(Placement.version_id.in_(version_ids),
-                   Placement.observed_state == PlacementObserved.LOADED)
+            .where(
+                Placement.version_id.in_(version_ids),
+                Placement.observed_state == PlacementObserved.LOADED,
+            )
             .group_by(Placement.version_id)
         )
         return {v: int(n) for v, n in self._session.execute(query)}
@@ -146,10 +147,14 @@ class AdapterRepository:
     ) -> list[str]:
         """Addresses of live engines, heard from since the cutoff, that hold the version."""
         query = (
-            select(Engine.address).join(Placement, Placement.engine_id == Engine.id)
-            .where(Placement.version_id == version_id,
-                   Placement.observed_state == PlacementObserved.LOADED,
-                   Engine.state == live_state, Engine.last_heartbeat_at >= heartbeat_after)
+            select(Engine.address)
+            .join(Placement, Placement.engine_id == Engine.id)
+            .where(
+                Placement.version_id == version_id,
+                Placement.observed_state == PlacementObserved.LOADED,
+                Engine.state == live_state,
+                Engine.last_heartbeat_at >= heartbeat_after,
+            )
             .order_by(Engine.address)
         )
         return list(self._session.scalars(query))

@@ -10,10 +10,12 @@ from sqlalchemy.orm import Session
 from control_plane.models import (
     KEY_TABLE_GENERATION,
     Adapter,
+    AdapterVersion,
     ApiKey,
     Counter,
     Tenant,
     TenantState,
+    VersionState,
 )
 
 
@@ -22,8 +24,9 @@ class TenantRepository:
         self._session = session
 
     def add(self, name: str, max_adapters: int, now: datetime) -> Tenant:
-        tenant = Tenant(name=name, state=TenantState.ACTIVE, max_adapters=max_adapters,
-                        created_at=now)
+        tenant = Tenant(
+            name=name, state=TenantState.ACTIVE, max_adapters=max_adapters, created_at=now
+        )
         self._session.add(tenant)
         self._session.flush()
         return tenant
@@ -34,25 +37,35 @@ class TenantRepository:
             query = query.with_for_update()
         return self._session.scalars(query).one_or_none()
 
-    def by_id(self, tenant_id: int) -> Tenant:
-        return self._session.get_one(Tenant, tenant_id)
-
     def list(self) -> list[tuple[Tenant, int, int]]:
         """Every tenant with its number of adapters and of unrevoked keys, by name."""
         adapters = (
-            select(func.count(Adapter.id)).where(Adapter.tenant_id == Tenant.id)
-            .correlate(Tenant).scalar_subquery()
+            select(func.count(Adapter.id))
+            .where(Adapter.tenant_id == Tenant.id)
+            .correlate(Tenant)
+            .scalar_subquery()
         )
         keys = (
             select(func.count(ApiKey.id))
             .where(ApiKey.tenant_id == Tenant.id, ApiKey.revoked_at.is_(None))
-            .correlate(Tenant).scalar_subquery()
+            .correlate(Tenant)
+            .scalar_subquery()
         )
         rows = self._session.execute(select(Tenant, adapters, keys).order_by(Tenant.name))
         return [(t, int(a), int(k)) for t, a, k in rows]
 
     def count_adapters(self, tenant_id: int) -> int:
         query = select(func.count(Adapter.id)).where(Adapter.tenant_id == tenant_id)
+        return int(self._session.scalar(query) or 0)
+
+    def count_adapters_in_use(self, tenant_id: int) -> int:
+        """Adapters of the tenant with at least one active version: what its quota counts."""
+        active = select(AdapterVersion.id).where(
+            AdapterVersion.adapter_id == Adapter.id, AdapterVersion.state == VersionState.ACTIVE
+        )
+        query = select(func.count(Adapter.id)).where(
+            Adapter.tenant_id == tenant_id, active.exists()
+        )
         return int(self._session.scalar(query) or 0)
 
     def count_active_keys(self, tenant_id: int) -> int:
@@ -113,8 +126,10 @@ class KeyTableGeneration:
     def bump(self) -> int:
         """Increment under the row's lock (so concurrent changes get distinct numbers)."""
         value = self._session.scalar(
-            update(Counter).where(Counter.name == KEY_TABLE_GENERATION)
-            .values(value=Counter.value + 1).returning(Counter.value)
+            update(Counter)
+            .where(Counter.name == KEY_TABLE_GENERATION)
+            .values(value=Counter.value + 1)
+            .returning(Counter.value)
         )
         if value is None:
             self._session.add(Counter(name=KEY_TABLE_GENERATION, value=2))
@@ -123,5 +138,8 @@ class KeyTableGeneration:
         return int(value)
 
     def current(self) -> int:
+        """The generation now. Read it before the keys it describes: a change committed
+        in between carries a higher generation and is pushed again, so a key table never
+        claims a generation newer than its content."""
         query = select(Counter.value).where(Counter.name == KEY_TABLE_GENERATION)
         return int(self._session.scalar(query) or 1)

@@ -7,14 +7,22 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from control_plane.adapter_source import config_sha256, resolve_adapter_uri
+from control_plane.adapter_source import WEIGHTS_FILE, config_sha256, resolve_adapter_uri
 from control_plane.errors import ErrorCode, ServiceError, invalid, not_found, precondition
 from control_plane.models import Adapter, AdapterVersion, Tenant, TenantState, VersionState
 from control_plane.records import AdapterPage, AdapterRecord, VersionRecord
 from control_plane.repositories.audit import AuditRepository
 from control_plane.repositories.catalog import AdapterRepository, BaseModelRepository
 from control_plane.repositories.tenants import TenantRepository
-from control_plane.services.common import ServiceContext, check_adapter_name, check_tenant_name
+from control_plane.services.common import (
+    SHA256_HEX,
+    ServiceContext,
+    check_adapter_name,
+    check_base_model_name,
+    check_count,
+    check_tenant_name,
+)
+from engine.lora.adapter_header import AdapterSummary
 from engine.lora.errors import AdapterFormatError
 from engine.lora.peft_format import validate_adapter_header
 from engine.model.config import ModelFormatError, parse_model_config
@@ -29,17 +37,35 @@ class AdapterService:
         self._roots = tuple(adapter_roots)
 
     def register_adapter(
-        self, tenant_name: str, name: str, uri: str, base_model: str, *,
-        sha256: str = "", replicas: int = 0, actor: str,
+        self,
+        tenant_name: str,
+        name: str,
+        uri: str,
+        base_model: str,
+        *,
+        sha256: str = "",
+        replicas: int = 0,
+        actor: str,
     ) -> VersionRecord:
-        """Validate the folder against the base model and create the next version.
+        """Validate the folder against the base model and make it tenant/name's current
+        version.
 
-        Identical content on the same base model returns the active version holding it.
+        Content identical to the current version returns it (idempotent; a different
+        `replicas` is refused, as versions are immutable). Any other content, including
+        that of an older version, becomes a new version, so registering old content
+        again rolls back.
         """
         check_tenant_name(tenant_name)
         check_adapter_name(name)
         if not base_model:
             raise invalid("base_model is required: the name of a registered base model")
+        check_base_model_name(base_model)
+        check_count("replicas", replicas)
+        if sha256 and not SHA256_HEX.match(sha256):
+            raise invalid(
+                f"sha256 {sha256!r} is not a checksum: give the 64 hex digits of "
+                "adapter_model.safetensors' sha256, or leave it empty"
+            )
         with self._ctx.sessions.begin() as session:
             _active_tenant(TenantRepository(session), tenant_name)
             model = BaseModelRepository(session).get(base_model)
@@ -47,17 +73,15 @@ class AdapterService:
                 raise not_found(f"no base model named {base_model!r}; register it first")
             model_id, max_rank, raw_config = model.id, model.max_lora_rank, model.config
         folder = resolve_adapter_uri(uri, self._roots)
-        try:
-            model_config = parse_model_config(raw_config, name=base_model)
-            summary = validate_adapter_header(
-                folder, model_config, max_rank, expected_sha256=sha256, compute_sha256=True
-            )
-        except (AdapterFormatError, ModelFormatError) as exc:
+        summary = _validated(folder, raw_config, base_model, max_rank)
+        if sha256 and summary.sha256 != sha256.lower():
             raise precondition(
-                f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
-            ) from exc
+                f"{folder / WEIGHTS_FILE} has sha256 {summary.sha256}, not the given "
+                f"{sha256.lower()}; pass the file's checksum, or leave sha256 empty"
+            )
         content = {
-            "sha256": summary.sha256, "config_sha256": config_sha256(folder),
+            "sha256": summary.sha256,
+            "config_sha256": config_sha256(folder),
             "base_model_id": model_id,
         }
         now = self._ctx.clock()
@@ -67,28 +91,42 @@ class AdapterService:
             tenant = _active_tenant(TenantRepository(session), tenant_name, for_update=True)
             adapters = AdapterRepository(session)
             adapter = adapters.get(tenant.id, name, for_update=True)
-            if adapter is None:
-                if TenantRepository(session).count_adapters(tenant.id) >= tenant.max_adapters:
-                    raise ServiceError(
-                        ErrorCode.RESOURCE_EXHAUSTED,
-                        f"tenant {tenant_name!r} has reached its quota of "
-                        f"{tenant.max_adapters} adapters; register a new version of an "
-                        "existing adapter instead, or raise the tenant's quota",
+            current = None if adapter is None else adapters.current_active(adapter)
+            if current is not None and _same_content(current, content):
+                if current.replicas != replicas:
+                    raise invalid(
+                        f"{tenant_name}/{name}@{current.number} holds this content with "
+                        f"replicas={current.replicas}; replicas cannot change for existing "
+                        "content: register new content, or retire the version and register "
+                        "it again"
                     )
+                return version_records(session, adapter, tenant_name, [current])[0]
+            if adapter is None or adapters.newest_active(adapter.id) is None:
+                # It starts counting against the quota (adapters with an active version).
+                _check_quota(TenantRepository(session), tenant, tenant_name)
+            if adapter is None:
                 adapter = adapters.add(tenant.id, name, now)
-            existing = adapters.active_identical(adapter.id, **content)
-            if existing is not None:
-                return version_records(session, adapter, tenant_name, [existing])[0]
             version = adapters.add_version(
-                adapter_id=adapter.id, number=adapters.next_number(adapter.id), uri=uri,
-                path=str(folder), size_bytes=summary.size_bytes, rank=summary.rank,
-                alpha=summary.alpha, target_modules=list(summary.target_modules),
-                replicas=replicas, state=VersionState.ACTIVE, created_at=now, **content,
+                adapter_id=adapter.id,
+                number=adapters.next_number(adapter.id),
+                uri=uri,
+                path=str(folder),
+                size_bytes=summary.size_bytes,
+                rank=summary.rank,
+                alpha=summary.alpha,
+                target_modules=list(summary.target_modules),
+                replicas=replicas,
+                state=VersionState.ACTIVE,
+                created_at=now,
+                **content,
             )
             adapter.current_version_id = version.id
             session.flush()
             AuditRepository(session).record(
-                actor, "adapter.register", f"{tenant_name}/{name}@{version.number}", now,
+                actor,
+                "adapter.register",
+                f"{tenant_name}/{name}@{version.number}",
+                now,
                 {"uri": uri, "sha256": summary.sha256, "base_model": base_model},
             )
             record = version_records(session, adapter, tenant_name, [version])[0]
@@ -106,6 +144,7 @@ class AdapterService:
         with self._ctx.sessions.begin() as session:
             tenant_id = None
             if tenant_name:
+                check_tenant_name(tenant_name)
                 tenant = TenantRepository(session).get(tenant_name)
                 if tenant is None:
                     raise not_found(f"no tenant named {tenant_name!r}")
@@ -149,6 +188,33 @@ class AdapterService:
         return retired_records, record
 
 
+def _validated(
+    folder: Path, raw_config: dict[str, object], base_model: str, max_rank: int
+) -> AdapterSummary:
+    try:
+        model_config = parse_model_config(raw_config, name=base_model)
+        return validate_adapter_header(folder, model_config, max_rank, compute_sha256=True)
+    except (AdapterFormatError, ModelFormatError) as exc:
+        raise precondition(
+            f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
+        ) from exc
+
+
+def _same_content(version: AdapterVersion, content: dict[str, object]) -> bool:
+    return all(getattr(version, column) == value for column, value in content.items())
+
+
+def _check_quota(tenants: TenantRepository, tenant: Tenant, tenant_name: str) -> None:
+    if tenants.count_adapters_in_use(tenant.id) >= tenant.max_adapters:
+        raise ServiceError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"tenant {tenant_name!r} has reached its quota of {tenant.max_adapters} adapters "
+            "with active versions; register a new version of one of them instead, or free "
+            "a place by retiring every version of one it no longer needs (RetireAdapter "
+            "with version 0). The quota is CreateTenant's max_adapters.",
+        )
+
+
 def _active_tenant(tenants: TenantRepository, name: str, *, for_update: bool = False) -> Tenant:
     tenant = tenants.get(name, for_update=for_update)
     if tenant is None:
@@ -161,6 +227,8 @@ def _active_tenant(tenants: TenantRepository, name: str, *, for_update: bool = F
 def _require_adapter(
     session: Session, tenant_name: str, name: str, *, for_update: bool = False
 ) -> tuple[Tenant, Adapter]:
+    check_tenant_name(tenant_name)
+    check_adapter_name(name)
     tenant = TenantRepository(session).get(tenant_name)
     if tenant is None:
         raise not_found(f"no tenant named {tenant_name!r}")
@@ -185,20 +253,29 @@ def version_records(
     loaded = AdapterRepository(session).loaded_counts([v.id for v in versions])
     return [
         VersionRecord(
-            tenant=tenant, name=adapter.name, version=v.number, state=v.state, rank=v.rank,
-            alpha=v.alpha, sha256=v.sha256, size_bytes=v.size_bytes, uri=v.uri,
-            base_model=names.get(v.base_model_id, ""), target_modules=tuple(v.target_modules),
-            failure_reason=v.failure_reason or "", replicas=v.replicas,
-            current=adapter.current_version_id == v.id, created_at=v.created_at,
-            retired_at=v.retired_at, num_engines_loaded=loaded.get(v.id, 0),
+            tenant=tenant,
+            name=adapter.name,
+            version=v.number,
+            state=v.state,
+            rank=v.rank,
+            alpha=v.alpha,
+            sha256=v.sha256,
+            size_bytes=v.size_bytes,
+            uri=v.uri,
+            base_model=names.get(v.base_model_id, ""),
+            target_modules=tuple(v.target_modules),
+            failure_reason=v.failure_reason or "",
+            replicas=v.replicas,
+            current=adapter.current_version_id == v.id,
+            created_at=v.created_at,
+            retired_at=v.retired_at,
+            num_engines_loaded=loaded.get(v.id, 0),
         )
         for v in versions
     ]
 
 
-def adapter_records(
-    session: Session, rows: Sequence[tuple[Adapter, str]]
-) -> list[AdapterRecord]:
+def adapter_records(session: Session, rows: Sequence[tuple[Adapter, str]]) -> list[AdapterRecord]:
     versions = AdapterRepository(session).versions([a.id for a, _ in rows])
     by_adapter: dict[int, list[AdapterVersion]] = {}
     for v in versions:
@@ -207,9 +284,13 @@ def adapter_records(
     for adapter, tenant in rows:
         own = by_adapter.get(adapter.id, [])
         current = next((v.number for v in own if v.id == adapter.current_version_id), 0)
-        records.append(AdapterRecord(
-            tenant=tenant, name=adapter.name, current_version=current,
-            versions=tuple(version_records(session, adapter, tenant, own)),
-            created_at=adapter.created_at,
-        ))
+        records.append(
+            AdapterRecord(
+                tenant=tenant,
+                name=adapter.name,
+                current_version=current,
+                versions=tuple(version_records(session, adapter, tenant, own)),
+                created_at=adapter.created_at,
+            )
+        )
     return records

@@ -13,7 +13,7 @@ from control_plane.records import BaseModelRecord
 from control_plane.repositories.audit import AuditRepository
 from control_plane.repositories.catalog import BaseModelRepository
 from control_plane.repositories.fleet import EngineRepository
-from control_plane.services.common import BASE_MODEL_NAME, ServiceContext
+from control_plane.services.common import ServiceContext, check_base_model_name
 from engine.model.config import ModelFormatError, load_model_config, parse_model_config
 from engine.model.loader import model_fingerprint
 
@@ -28,22 +28,27 @@ class BaseModelService:
     def register_base_model(
         self, name: str, path: str, max_lora_rank: int, actor: str
     ) -> BaseModelRecord:
-        if not BASE_MODEL_NAME.match(name):
-            raise invalid(f"base model name {name!r} is invalid: use letters, digits, '.-_:'")
+        check_base_model_name(name)
         max_rank = max_lora_rank or self._default_max_lora_rank
         if not 1 <= max_rank <= MAX_LORA_RANK_LIMIT:
             raise invalid(f"max_lora_rank must be between 1 and {MAX_LORA_RANK_LIMIT}")
         folder = Path(path)
-        if not folder.is_absolute():
+        if "\x00" in path or not folder.is_absolute():
             raise invalid(f"{path!r} is not an absolute path to a model folder")
-        if not folder.is_dir():
-            raise not_found(f"model folder {path} does not exist")
         try:
+            if not folder.is_dir():
+                raise not_found(f"model folder {path} does not exist")
             config = load_model_config(folder)
             raw = read_raw_config(folder)
             fingerprint = model_fingerprint(config, folder)
+            resolved = str(folder.resolve())
         except ModelFormatError as exc:
             raise precondition(f"{path} cannot be served: {exc}") from exc
+        except OSError as exc:
+            raise precondition(
+                f"cannot read {path}: {exc.strerror or exc}; check the path and that the "
+                "control plane may read it"
+            ) from exc
         now = self._ctx.clock()
         try:
             with self._ctx.sessions.begin() as session:
@@ -56,16 +61,29 @@ class BaseModelService:
                         f"these weights are already registered as base model {same.name!r}"
                     )
                 model = models.add(
-                    name=name, fingerprint=fingerprint, architecture=config.architecture,
-                    hidden_size=config.hidden_size, num_layers=config.num_layers,
-                    num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                    head_dim=config.head_dim, intermediate_size=config.intermediate_size,
-                    vocab_size=config.vocab_size, max_lora_rank=max_rank,
-                    path=str(folder.resolve()), config=raw, created_at=now,
+                    name=name,
+                    fingerprint=fingerprint,
+                    architecture=config.architecture,
+                    hidden_size=config.hidden_size,
+                    num_layers=config.num_layers,
+                    num_heads=config.num_heads,
+                    num_kv_heads=config.num_kv_heads,
+                    head_dim=config.head_dim,
+                    intermediate_size=config.intermediate_size,
+                    vocab_size=config.vocab_size,
+                    max_lora_rank=max_rank,
+                    path=resolved,
+                    config=raw,
+                    created_at=now,
                 )
                 linked = EngineRepository(session).link_fingerprint(fingerprint, model.id)
-                AuditRepository(session).record(actor, "base_model.register", name, now,
-                                                {"fingerprint": fingerprint, "path": path})
+                AuditRepository(session).record(
+                    actor,
+                    "base_model.register",
+                    name,
+                    now,
+                    {"fingerprint": fingerprint, "path": path},
+                )
                 record = _record(model, linked)
         except IntegrityError as exc:
             raise already_exists(f"base model {name!r} or its weights already exist") from exc
@@ -86,10 +104,18 @@ def read_raw_config(folder: Path) -> dict[str, object]:
 
 def _record(model: BaseModel, num_engines: int) -> BaseModelRecord:
     return BaseModelRecord(
-        name=model.name, fingerprint=model.fingerprint, architecture=model.architecture,
-        hidden_size=model.hidden_size, num_layers=model.num_layers, num_heads=model.num_heads,
-        num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-        intermediate_size=model.intermediate_size, vocab_size=model.vocab_size,
-        max_lora_rank=model.max_lora_rank, path=model.path, created_at=model.created_at,
+        name=model.name,
+        fingerprint=model.fingerprint,
+        architecture=model.architecture,
+        hidden_size=model.hidden_size,
+        num_layers=model.num_layers,
+        num_heads=model.num_heads,
+        num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+        intermediate_size=model.intermediate_size,
+        vocab_size=model.vocab_size,
+        max_lora_rank=model.max_lora_rank,
+        path=model.path,
+        created_at=model.created_at,
         num_engines=num_engines,
     )

@@ -6,15 +6,29 @@ import re
 from datetime import datetime, timedelta
 
 from control_plane.errors import ErrorCode, ServiceError, invalid, not_found, precondition
-from control_plane.models import AdapterVersion, Engine, EngineState, VersionState
+from control_plane.models import AdapterVersion, ApiKey, Engine, EngineState, VersionState
 from control_plane.records import EngineFacts, EngineRecord, Registration, Resolution
 from control_plane.repositories.audit import AuditRepository
 from control_plane.repositories.catalog import AdapterRepository, BaseModelRepository
 from control_plane.repositories.fleet import EngineRepository, PlacementRepository
 from control_plane.repositories.tenants import ApiKeyRepository, TenantRepository
-from control_plane.services.common import ServiceContext
+from control_plane.services.common import (
+    ServiceContext,
+    check_adapter_name,
+    check_count,
+    check_tenant_name,
+    check_text,
+)
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-_\[\]:]+:\d{1,5}$")
+_COUNT_FACTS = (
+    "max_loras",
+    "max_lora_rank",
+    "max_cpu_loras",
+    "running_requests",
+    "waiting_requests",
+    "num_adapters",
+)
 _ADAPTER_REF = re.compile(r"^(?P<tenant>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<version>\d+))?$")
 
 
@@ -27,8 +41,10 @@ class EngineService:
         """Create or refresh the engine at `address`; a new boot id means it restarted."""
         if not _ADDRESS.match(address):
             raise invalid(f"address {address!r} is invalid: expected host:port")
+        check_text("address", address, Engine.address)
         if not facts.boot_id:
             raise invalid("info.boot_id is required")
+        _check_facts(facts)
         now = self._ctx.clock()
         with self._ctx.sessions.begin() as session:
             model = BaseModelRepository(session).by_fingerprint(facts.model_fingerprint)
@@ -36,16 +52,20 @@ class EngineService:
             engine = engines.by_address(address, for_update=True)
             if engine is None:
                 engine = engines.add(
-                    address=address, boot_id=facts.boot_id, registered_at=now,
-                    last_heartbeat_at=now, state=EngineState.LIVE,
+                    address=address,
+                    boot_id=facts.boot_id,
+                    registered_at=now,
+                    last_heartbeat_at=now,
+                    state=EngineState.LIVE,
                     model_fingerprint=facts.model_fingerprint,
                 )
                 AuditRepository(session).record(actor, "engine.register", address, now)
             elif engine.boot_id != facts.boot_id:
                 # It restarted: it holds nothing now, and earlier failures may not recur.
                 PlacementRepository(session).reset_engine(engine.id, now)
-                AuditRepository(session).record(actor, "engine.restart", address, now,
-                                                {"boot_id": facts.boot_id})
+                AuditRepository(session).record(
+                    actor, "engine.restart", address, now, {"boot_id": facts.boot_id}
+                )
             engine.boot_id = facts.boot_id
             engine.base_model_id = None if model is None else model.id
             engine.registered_at = now
@@ -60,6 +80,10 @@ class EngineService:
         self, engine_id: int, boot_id: str, facts: EngineFacts, key_usage: dict[str, datetime]
     ) -> None:
         """NOT_FOUND / FAILED_PRECONDITION tell the engine to register again."""
+        check_text("boot_id", boot_id, Engine.boot_id)
+        _check_facts(facts)
+        for key_id in key_usage:
+            check_text("key_usage.key_id", key_id, ApiKey.key_id)
         now = self._ctx.clock()
         came_back = False
         with self._ctx.sessions.begin() as session:
@@ -86,14 +110,22 @@ class EngineService:
         with self._ctx.sessions.begin() as session:
             return [
                 EngineRecord(
-                    engine_id=e.id, address=e.address, boot_id=e.boot_id,
-                    base_model=model or "", model_fingerprint=e.model_fingerprint,
+                    engine_id=e.id,
+                    address=e.address,
+                    boot_id=e.boot_id,
+                    base_model=model or "",
+                    model_fingerprint=e.model_fingerprint,
                     state=EngineState.STALE if e.last_heartbeat_at < cutoff else e.state,
-                    last_heartbeat_at=e.last_heartbeat_at, registered_at=e.registered_at,
-                    max_loras=e.max_loras, max_lora_rank=e.max_lora_rank,
-                    max_cpu_loras=e.max_cpu_loras, device=e.device,
-                    running_requests=e.running_requests, waiting_requests=e.waiting_requests,
-                    num_adapters=e.num_adapters, num_placements=placements,
+                    last_heartbeat_at=e.last_heartbeat_at,
+                    registered_at=e.registered_at,
+                    max_loras=e.max_loras,
+                    max_lora_rank=e.max_lora_rank,
+                    max_cpu_loras=e.max_cpu_loras,
+                    device=e.device,
+                    running_requests=e.running_requests,
+                    waiting_requests=e.waiting_requests,
+                    num_adapters=e.num_adapters,
+                    num_placements=placements,
                 )
                 for e, model, placements in EngineRepository(session).list()
             ]
@@ -105,13 +137,17 @@ class EngineService:
         """
         match = _ADAPTER_REF.match(ref)
         if match is None:
-            raise invalid(f"adapter {ref!r} is invalid: expected 'tenant/name' or "
-                          "'tenant/name@version'")
+            raise invalid(
+                f"adapter {ref!r} is invalid: expected 'tenant/name' or 'tenant/name@version'"
+            )
         tenant_name, name = match["tenant"], match["name"]
+        check_tenant_name(tenant_name)
+        check_adapter_name(name)
         if caller_tenant is not None and caller_tenant != tenant_name:
-            raise ServiceError(ErrorCode.PERMISSION_DENIED,
-                               f"this API key belongs to tenant {caller_tenant!r}, "
-                               f"not {tenant_name!r}")
+            raise ServiceError(
+                ErrorCode.PERMISSION_DENIED,
+                f"this API key belongs to tenant {caller_tenant!r}, not {tenant_name!r}",
+            )
         with self._ctx.sessions.begin() as session:
             tenant = TenantRepository(session).get(tenant_name)
             adapters = AdapterRepository(session)
@@ -123,8 +159,9 @@ class EngineService:
                 if version is None:
                     raise not_found(f"{tenant_name}/{name} has no version {match['version']}")
             elif adapter.current_version_id is None:
-                raise precondition(f"{tenant_name}/{name} has no active version: all were "
-                                   "retired or failed")
+                raise precondition(
+                    f"{tenant_name}/{name} has no active version: all were retired or failed"
+                )
             else:
                 version = session.get_one(AdapterVersion, adapter.current_version_id)
             label = f"{tenant_name}/{name}@{version.number}"
@@ -136,6 +173,16 @@ class EngineService:
             endpoints = adapters.serving_endpoints(version.id, EngineState.LIVE, cutoff)
             model = BaseModelRepository(session).names().get(version.base_model_id, "")
             return Resolution(tenant_name, name, version.number, model, tuple(endpoints))
+
+
+def _check_facts(facts: EngineFacts) -> None:
+    """INVALID_ARGUMENT unless every fact fits its column (the proto allows more)."""
+    check_text("info.boot_id", facts.boot_id, Engine.boot_id)
+    check_text("info.model_fingerprint", facts.model_fingerprint, Engine.model_fingerprint)
+    check_text("info.model_name", facts.model_name, Engine.model_name)
+    check_text("info.device", facts.device, Engine.device)
+    for field in _COUNT_FACTS:
+        check_count(f"info.{field}", getattr(facts, field))
 
 
 def _apply_facts(engine: Engine, facts: EngineFacts) -> None:

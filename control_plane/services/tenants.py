@@ -1,8 +1,8 @@
-"""Tenants and their API keys, and the key table that engines hold."""
+"""Tenants and their API keys, and checking a key a tenant presents."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
 
 from sqlalchemy.exc import IntegrityError
 
@@ -15,7 +15,13 @@ from control_plane.repositories.tenants import (
     KeyTableGeneration,
     TenantRepository,
 )
-from control_plane.services.common import ServiceContext, check_tenant_name
+from control_plane.services.common import (
+    ServiceContext,
+    check_count,
+    check_tenant_name,
+    check_text,
+)
+from control_plane.services.key_verdicts import KeyVerdicts
 from loraplex.keys import KeyFormatError, hash_secret, new_key, parse_key, verify_secret
 
 
@@ -23,9 +29,12 @@ class TenantService:
     def __init__(self, ctx: ServiceContext, default_max_adapters: int) -> None:
         self._ctx = ctx
         self._default_max_adapters = default_max_adapters
+        self._verdicts = KeyVerdicts()
 
     def create_tenant(self, name: str, max_adapters: int, actor: str) -> TenantRecord:
+        """`max_adapters` 0 means the control plane's default."""
         check_tenant_name(name)
+        check_count("max_adapters", max_adapters)
         now = self._ctx.clock()
         try:
             with self._ctx.sessions.begin() as session:
@@ -68,12 +77,14 @@ class TenantService:
                 raise precondition(f"tenant {tenant_name!r} is disabled; it cannot get new keys")
             ApiKeyRepository(session).add(tenant.id, key_id, secret_hash, now)
             KeyTableGeneration(session).bump()
-            AuditRepository(session).record(actor, "api_key.create", key_id, now,
-                                             {"tenant": tenant_name})
+            AuditRepository(session).record(
+                actor, "api_key.create", key_id, now, {"tenant": tenant_name}
+            )
         self._ctx.on_change()
         return NewApiKey(key_id=key_id, secret=secret, api_key=full_key, tenant=tenant_name)
 
     def revoke_api_key(self, key_id: str, actor: str) -> ApiKeyRecord:
+        check_text("key_id", key_id, ApiKey.key_id)
         now = self._ctx.clock()
         with self._ctx.sessions.begin() as session:
             found = ApiKeyRepository(session).get(key_id, for_update=True)
@@ -83,8 +94,9 @@ class TenantService:
             if key.revoked_at is None:
                 key.revoked_at = now
                 KeyTableGeneration(session).bump()
-                AuditRepository(session).record(actor, "api_key.revoke", key_id, now,
-                                                 {"tenant": tenant.name})
+                AuditRepository(session).record(
+                    actor, "api_key.revoke", key_id, now, {"tenant": tenant.name}
+                )
             record = _key_record(key, tenant.name)
         self._ctx.on_change()
         return record
@@ -96,20 +108,16 @@ class TenantService:
                 tenant_id = _require_tenant(TenantRepository(session), tenant_name).id
             return [_key_record(k, n) for k, n in ApiKeyRepository(session).list(tenant_id)]
 
-    def key_table(self) -> tuple[int, list[tuple[str, str, str]]]:
-        """`(generation, [(key_id, secret_hash, tenant)])` for SyncApiKeys.
-
-        The generation is read before the keys: a change committed in between carries a
-        higher generation and is pushed again, so a table never claims a generation
-        newer than its content.
-        """
-        with self._ctx.sessions.begin() as session:
-            generation = KeyTableGeneration(session).current()
-            return generation, ApiKeyRepository(session).accepted_keys()
-
     def authenticate(self, api_key: str) -> str:
-        """The tenant of a valid key of an active tenant; UNAUTHENTICATED otherwise."""
-        refused = ServiceError(ErrorCode.UNAUTHENTICATED, "API key is unknown or revoked")
+        """The tenant of a valid key of an active tenant; UNAUTHENTICATED otherwise.
+
+        Revocation and the tenant's state are read on every call; the scrypt check runs
+        once per presented key and stored hash (see KeyVerdicts).
+        """
+        refused = ServiceError(
+            ErrorCode.UNAUTHENTICATED,
+            "API key is unknown or revoked, or its tenant is disabled; ask the admin for a key",
+        )
         try:
             parsed = parse_key(api_key)
         except KeyFormatError as exc:
@@ -119,20 +127,20 @@ class TenantService:
         if found is None or found[0].revoked_at is not None:
             raise refused
         key, tenant = found
-        if tenant.state != TenantState.ACTIVE or not verify_secret(parsed.secret, key.secret_hash):
+        if tenant.state != TenantState.ACTIVE:
+            raise refused
+        digest = hashlib.sha256(api_key.encode()).digest()
+        verdict = self._verdicts.get(digest, key.key_id, key.secret_hash)
+        if verdict is None:
+            verdict = verify_secret(parsed.secret, key.secret_hash)
+            self._verdicts.put(digest, key.key_id, key.secret_hash, verdict)
+        if not verdict:
             raise refused
         return tenant.name
 
-    def record_key_usage(self, usage: dict[str, datetime]) -> None:
-        if not usage:
-            return
-        with self._ctx.sessions.begin() as session:
-            keys = ApiKeyRepository(session)
-            for key_id, at in sorted(usage.items()):
-                keys.record_use(key_id, at)
-
 
 def _require_tenant(tenants: TenantRepository, name: str, *, for_update: bool = False) -> Tenant:
+    check_tenant_name(name)
     tenant = tenants.get(name, for_update=for_update)
     if tenant is None:
         raise not_found(f"no tenant named {name!r}; create it with CreateTenant")
@@ -141,13 +149,20 @@ def _require_tenant(tenants: TenantRepository, name: str, *, for_update: bool = 
 
 def _tenant_record(tenant: Tenant, num_adapters: int, num_keys: int) -> TenantRecord:
     return TenantRecord(
-        name=tenant.name, state=tenant.state, max_adapters=tenant.max_adapters,
-        num_adapters=num_adapters, num_active_keys=num_keys, created_at=tenant.created_at,
+        name=tenant.name,
+        state=tenant.state,
+        max_adapters=tenant.max_adapters,
+        num_adapters=num_adapters,
+        num_active_keys=num_keys,
+        created_at=tenant.created_at,
     )
 
 
 def _key_record(key: ApiKey, tenant: str) -> ApiKeyRecord:
     return ApiKeyRecord(
-        key_id=key.key_id, tenant=tenant, created_at=key.created_at,
-        revoked_at=key.revoked_at, last_used_at=key.last_used_at,
+        key_id=key.key_id,
+        tenant=tenant,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+        last_used_at=key.last_used_at,
     )

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from engine.lora.adapter_config import CONFIG_NAME
+from engine.lora.adapter_header import WEIGHTS_NAME
 from engine.lora.adapter_record import AdapterEntry, AdapterRecord
 from engine.lora.errors import (
     AdapterConflictError,
@@ -29,6 +31,7 @@ from engine.model.config import ModelConfig
 LoadOutcome = Literal["loaded", "already_loaded"]
 EvictOutcome = Literal["evicted", "not_present"]
 _MAX_EVICTED_NAMES = 4096
+_LOADED_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what load_adapter opens in the folder
 
 
 class AdapterRegistry:
@@ -195,12 +198,14 @@ class AdapterRegistry:
 
     def _check_path(self, path: Path | str) -> Path:
         folder = Path(path).resolve()  # follows symlinks and `..`
-        if self.adapter_roots and not any(folder.is_relative_to(r) for r in self.adapter_roots):
-            roots = ", ".join(str(r) for r in self.adapter_roots)
-            raise AdapterPathError(
-                f"adapter path {path} resolves to {folder}, outside the engine's adapter roots "
-                f"({roots}); place the adapter under one of them"
-            )
+        # And each file the loader opens: a symlinked file would let a load read any file.
+        files = [(folder / name).resolve() for name in _LOADED_FILES if (folder / name).exists()]
+        for target in (folder, *files):
+            if self.adapter_roots and not any(target.is_relative_to(r) for r in self.adapter_roots):
+                raise AdapterPathError(
+                    f"adapter path {path} resolves to {target}, outside the engine's adapter roots "
+                    f"({', '.join(map(str, self.adapter_roots))}); put its files (not links) in one"
+                )
         if not folder.is_dir():
             raise AdapterFormatError("missing_folder", f"adapter path {path} is not a directory")
         return folder

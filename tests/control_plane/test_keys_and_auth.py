@@ -1,4 +1,5 @@
-"""API key format, the scrypt hash, and the engine's key table (no database)."""
+"""API key format, the scrypt hash, the engine's key table and the control plane's
+remembered verdicts (no database)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from control_plane.services.key_verdicts import KeyVerdicts
 from engine.server.auth import ApiKeyTable, AuthError
 from loraplex.keys import (
     KeyFormatError,
@@ -156,3 +158,17 @@ def test_concurrent_authentication() -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_control_plane_verdicts_answer_only_for_the_same_stored_hash() -> None:
+    verdicts = KeyVerdicts(max_entries=2)
+    verdicts.put(b"k1", "id1", "hash-a", True)
+    assert verdicts.get(b"k1", "id1", "hash-a") is True
+    assert verdicts.get(b"k1", "id1", "hash-b") is None  # the key's stored hash changed
+    assert verdicts.get(b"k1", "id2", "hash-a") is None
+    verdicts.put(b"k2", "id2", "hash-a", False)
+    assert verdicts.get(b"k2", "id2", "hash-a") is False
+    verdicts.get(b"k1", "id1", "hash-a")  # k1 is now the most recently used
+    verdicts.put(b"k3", "id3", "hash-a", True)
+    assert len(verdicts) == 2 and verdicts.get(b"k2", "id2", "hash-a") is None
+    assert verdicts.get(b"k1", "id1", "hash-a") is True

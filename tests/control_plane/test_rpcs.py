@@ -7,11 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 from sqlalchemy import text
 
-from control_plane.db import make_db_engine
+from control_plane.db import make_db_engine, make_session_factory
+from control_plane.errors import ErrorCode, ServiceError
+from control_plane.services import tenants as tenant_service
+from control_plane.services.common import ServiceContext
+from control_plane.services.tenants import TenantService
 from engine.model.config import load_model_config
 from engine.model.loader import model_fingerprint
+from loraplex.keys import hash_secret, verify_secret
 from loraplex.v1 import control_plane_pb2 as pb
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from tests.control_plane.cp_harness import Client, ControlPlaneHandle
@@ -123,3 +129,101 @@ def test_engines_register_and_heartbeat(admin: Client, base_dir: Path) -> None:
         == grpc.StatusCode.INVALID_ARGUMENT
     )
 
+
+def test_empty_admin_token_says_how_to_set_it(cp: ControlPlaneHandle) -> None:
+    code, details = code_of(cp.client("").ListTenants, pb.ListTenantsRequest())
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "no admin token sent" in details and "LORAPLEX_ADMIN_TOKEN" in details
+    assert "--admin-token" in details
+
+
+def test_max_adapters_beyond_the_column_is_invalid(admin: Client) -> None:
+    code, details = code_of(
+        admin.CreateTenant, pb.CreateTenantRequest(name="acme", max_adapters=3_000_000_000)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_adapters" in details
+    assert admin.ListTenants(pb.ListTenantsRequest()).tenants == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("boot_id", "b" * 65),
+        ("model_fingerprint", "f" * 129),
+        ("model_name", "m" * 129),
+        ("device", "d" * 65),
+        ("boot_id", "boot\x00"),
+        ("max_loras", 3_000_000_000),
+        ("running_requests", 3_000_000_000),
+    ],
+)
+def test_engine_facts_beyond_their_columns_are_invalid(
+    admin: Client, field: str, value: object
+) -> None:
+    info = admin_pb.EngineInfo(boot_id="boot-1", model_fingerprint="f")
+    registered = admin.RegisterEngine(pb.RegisterEngineRequest(address="127.0.0.1:7001", info=info))
+    setattr(info, field, value)
+    for call, request in (
+        (admin.RegisterEngine, pb.RegisterEngineRequest(address="127.0.0.1:7002", info=info)),
+        (
+            admin.Heartbeat,
+            pb.HeartbeatRequest(engine_id=registered.engine_id, boot_id="boot-1", info=info),
+        ),
+    ):
+        code, details = code_of(call, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert field in details, details
+    assert len(admin.ListEngines(pb.ListEnginesRequest()).engines) == 1
+
+
+def test_long_engine_address_is_invalid_not_internal(admin: Client) -> None:
+    info = admin_pb.EngineInfo(boot_id="boot-1", model_fingerprint="f")
+    address = "h" * 251 + ":7001"  # 256 characters
+    code, details = code_of(
+        admin.RegisterEngine, pb.RegisterEngineRequest(address=address, info=info)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "address" in details
+    fits = "h" * 250 + ":7001"  # fits its column; its audit actor is cut to fit
+    assert admin.RegisterEngine(pb.RegisterEngineRequest(address=fits, info=info)).engine_id
+
+
+def test_resolve_with_a_key_runs_scrypt_once_per_key(
+    cp: ControlPlaneHandle, admin: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin.CreateTenant(pb.CreateTenantRequest(name="acme"))
+    key = admin.CreateApiKey(pb.CreateApiKeyRequest(tenant="acme"))
+    calls: list[str] = []
+
+    def counting(secret: str, encoded: str) -> bool:
+        calls.append(secret)
+        return verify_secret(secret, encoded)
+
+    monkeypatch.setattr(tenant_service, "verify_secret", counting)
+    request = pb.ResolveAdapterRequest(adapter="acme/none")
+    tenant = cp.client(key.api_key)
+    for _ in range(5):  # the key is good: the adapter is what is missing
+        assert code_of(tenant.ResolveAdapter, request)[0] == grpc.StatusCode.NOT_FOUND
+    assert calls == [key.secret]
+    forged = cp.client(f"lpx_{key.key_id}_{'x' * len(key.secret)}")
+    for _ in range(3):
+        assert code_of(forged.ResolveAdapter, request)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert len(calls) == 2
+    admin.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=key.key_id))  # read on every call
+    assert code_of(tenant.ResolveAdapter, request)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert len(calls) == 2
+
+
+def test_a_changed_stored_hash_is_verified_again(admin: Client, clean_db: str) -> None:
+    admin.CreateTenant(pb.CreateTenantRequest(name="acme"))
+    key = admin.CreateApiKey(pb.CreateApiKeyRequest(tenant="acme"))
+    engine = make_db_engine(clean_db)
+    services = TenantService(ServiceContext(make_session_factory(engine)), 10)
+    try:
+        assert services.authenticate(key.api_key) == "acme"
+        with engine.begin() as conn:  # the row's hash no longer matches the secret
+            conn.execute(text("UPDATE api_keys SET secret_hash = :h"), {"h": hash_secret("x")})
+        with pytest.raises(ServiceError) as exc:
+            services.authenticate(key.api_key)
+        assert exc.value.code == ErrorCode.UNAUTHENTICATED
+    finally:
+        engine.dispose()

@@ -200,6 +200,27 @@ def test_paths_must_stay_inside_the_roots(
     assert open_reg.load("x", outside)[0] == "loaded"
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_files_linked_outside_the_roots_are_refused(
+    config: ModelConfig, roots: Path, made: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    """The folder lies inside a root, but one file the loader reads links out of it."""
+    outside = tmp_path / "outside"
+    shutil.copytree(made["a"], outside)
+    evil = roots / "evil"
+    shutil.copytree(made["a"], evil)
+    (evil / name).unlink()
+    os.symlink(outside / name, evil / name)
+    reg = registry(config, roots)
+    with pytest.raises(AdapterPathError, match=f"resolves to .*{name}, outside"):
+        reg.load("evil", evil)
+    assert "evil" not in reg
+    # A link that stays inside the roots is fine.
+    (evil / name).unlink()
+    os.symlink(roots / "a" / name, evil / name)
+    assert reg.load("evil", evil)[0] == "loaded"
+
+
 def test_concurrent_loads_of_one_adapter(config: ModelConfig, roots: Path) -> None:
     reg = registry(config, roots)
     outcomes: list[str] = []
