@@ -172,8 +172,9 @@ class ControlPlaneServicer:
 
     def RegisterAdapter(self, request, context):
         """Validates the adapter against the base model and creates its next immutable
-        version. Identical content (same files, same base model) returns the existing
-        active version. An incompatible adapter is FAILED_PRECONDITION naming the first
+        version. Content identical to the current version (same files, same base
+        model) returns it; content of an older version becomes a new current version
+        (a rollback). An incompatible adapter is FAILED_PRECONDITION naming the first
         mismatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
