@@ -2,7 +2,8 @@
 
 gRPC handlers talk to it only through `submit`, `abort` and `forget_adapter`, which
 post to an inbox read between steps; so a cancel takes effect within one step and
-the loop's state is touched by one thread only.
+the loop's state is changed by one thread only. Reports (GetEngineInfo, metrics) read
+counters of the scheduler from other threads; such reads may be a step stale.
 """
 
 from __future__ import annotations

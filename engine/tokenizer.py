@@ -25,8 +25,9 @@ class PromptError(ValueError):
 class Tokenizer:
     """The tokenizer of one model folder.
 
-    Thread-safety: encode/decode on the underlying Rust tokenizer are safe to call from
-    one event loop; do not change truncation/padding settings on `hf_tokenizer`.
+    Thread-safety: the servicer encodes on worker threads while the engine loop decodes;
+    the underlying Rust tokenizer allows concurrent encode/decode as long as nobody
+    changes its truncation/padding settings (`hf_tokenizer` is never reconfigured).
     """
 
     def __init__(self, model_dir: str | Path) -> None:

@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo(admin, auth, model_dir: Path, adapters: Path, engine_addr: str, write_adapter) -> str:
     _idempotent(lambda: admin.CreateTenant(cp.CreateTenantRequest(name="demo"), metadata=auth))
+    # One demo key at a time: the previous run's key (its secret was shown once) goes.
+    for old in admin.ListApiKeys(cp.ListApiKeysRequest(tenant="demo"), metadata=auth).keys:
+        if not old.revoked:
+            admin.RevokeApiKey(cp.RevokeApiKeyRequest(key_id=old.key_id), metadata=auth)
     key = admin.CreateApiKey(cp.CreateApiKeyRequest(tenant="demo"), metadata=auth).api_key
     folder = adapters / "demo-example"
     if not (folder / "adapter_model.safetensors").exists():

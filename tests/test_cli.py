@@ -70,26 +70,15 @@ def test_engine_refuses_a_malformed_model_folder_with_a_sentence(tmp_path):
     assert "GPT2LMHeadModel" in done.stderr and "not supported" in done.stderr
 
 
+def run_up(data_dir) -> subprocess.CompletedProcess:
+    ports = ["--control-plane-port", str(free_port()), "--engine-port", str(free_port())]
+    command = [*LORAPLEX, "up", "--demo-only", "--device", "cpu", "--data-dir", str(data_dir)]
+    return subprocess.run(command + ports, capture_output=True, text=True, timeout=400)
+
+
 @pytest.mark.slow
 def test_up_starts_the_stack_and_streams_with_and_without_an_adapter(tmp_path):
-    done = subprocess.run(
-        [
-            *LORAPLEX,
-            "up",
-            "--demo-only",
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(tmp_path),
-            "--control-plane-port",
-            str(free_port()),
-            "--engine-port",
-            str(free_port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    done = run_up(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "adapter placed on the engine" in done.stdout
     assert "[adapter: demo/example]" in done.stdout
@@ -97,3 +86,8 @@ def test_up_starts_the_stack_and_streams_with_and_without_an_adapter(tmp_path):
     answers = [block.split("\n", 1)[1].strip() for block in done.stdout.split("\n> ")[1:]]
     assert len(answers) == 2 and all(answers)
     assert answers[0] != answers[1]  # the adapter changes the answer
+    # A second `up` on the same data finds everything it registered and works again.
+    again = run_up(tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "registered (already)" in again.stdout
+    assert "demo/example@1" in again.stdout  # the same version, not a new one
