@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
                                         heartbeat_timeout_s=args.heartbeat_timeout),
         )
         asyncio.run(serve_control_plane(config))
-    except (ValueError, NotMigratedError, OSError) as exc:  # OSError: a port already taken
+    except (ValueError, NotMigratedError, RuntimeError, OSError) as exc:  # a port taken
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

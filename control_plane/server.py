@@ -108,7 +108,10 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
         log.info("control plane metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     # Metrics first, so the admin token check's refusals are counted too.
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(metrics), AdminTokenInterceptor(config.admin_token)]
+        interceptors=[RpcMetricsInterceptor(metrics), AdminTokenInterceptor(config.admin_token)],
+        # gRPC shares a taken port by default (SO_REUSEPORT): a second server would
+        # silently split the traffic. Binding must fail instead.
+        options=[("grpc.so_reuseport", 0)],
     )
     control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
         ControlPlaneServicer(services, config.admin_token), server

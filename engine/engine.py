@@ -56,6 +56,10 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        # Set (under the lock) once the loop has ended: later submissions fail at once
+        # instead of waiting in an inbox nobody reads.
+        self._closed = False
+        self._closing = threading.Lock()
         self.steps = 0
 
     # -- called from other threads -------------------------------------------------
@@ -67,7 +71,17 @@ class Engine:
         self._thread.join(timeout=30)
 
     def submit(self, request: EngineRequest, emit: Callable[[RequestOutput], None]) -> None:
-        self._inbox.put(("add", request, emit))
+        with self._closing:
+            if not self._closed:
+                self._inbox.put(("add", request, emit))
+                return
+        self._refuse(request, emit)
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting to run: in the scheduler's queue or not yet read from the inbox
+        (the inbox also holds aborts, so this may overcount slightly)."""
+        return self.scheduler.num_waiting + self._inbox.qsize()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -76,19 +90,43 @@ class Engine:
         """The adapter left the engine: free its slot once its requests are done."""
         self._inbox.put(("forget", adapter_id))
 
-    # -- the loop ------------------------------------------------------------------
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    # -- the loop ------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                try:
+                    if not self._step():
+                        return
+                except Exception:  # a bug: fail what is in flight, keep the loop serving
+                    log.exception("the engine loop hit an unexpected error")
+                    self._fail_all("the engine hit an internal error")
+        finally:  # whatever ends the loop, no request may be left without a final message
+            with self._closing:
+                self._closed = True
+            self._fail_all("the engine loop has stopped")
+            while not self._inbox.empty():
+                message = self._inbox.get()
+                if message[0] == "add":
+                    self._refuse(message[1], message[2])
+
+    def _fail_all(self, error: str) -> None:
+        for request_id in list(self._live):
             try:
-                if not self._step():
-                    return
-            except Exception:  # a bug: fail what is in flight, keep the loop serving
-                log.exception("the engine loop hit an unexpected error")
-                for request_id in list(self._live):
-                    self._end(request_id, FinishReason.ERROR, "the engine hit an internal error")
+                self._end(request_id, FinishReason.ERROR, error)
+            except Exception:
+                log.exception("could not end request %s cleanly", request_id)
+                self._live.pop(request_id, None)
+
+    def _refuse(self, request: EngineRequest, emit: Callable[[RequestOutput], None]) -> None:
+        """Ends a request the loop will never run (it has stopped)."""
+        emit(RequestOutput(text="", token_ids=(), finish_reason=FinishReason.ERROR,
+                           prompt_tokens=len(request.prompt_token_ids),
+                           error="the engine loop has stopped; retry on another engine"))
+        if request.adapter_id is not None and self._release_adapter is not None:
+            self._release_adapter(request.adapter_id)
 
     def _step(self) -> bool:
         """One iteration: inbox, schedule, copy adapters, run, stream. False = stop."""

@@ -116,9 +116,10 @@ class Scheduler:
             return
         if seq in self._running:
             self._running.remove(seq)
-            self._release(seq)
-        else:
+        elif seq in self._waiting:
             self._waiting.remove(seq)
+        # Also for a sequence caught between the queues by an error mid-schedule.
+        self._release(seq)
 
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens

@@ -51,7 +51,7 @@ def _engine_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(config, on_ready=ready, parts=parts))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:  # a port already taken
+    except (RuntimeError, OSError) as exc:  # a port already taken (grpc raises RuntimeError)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

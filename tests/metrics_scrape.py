@@ -36,6 +36,13 @@ def render(registry: CollectorRegistry) -> Samples:
     return parse(generate_latest(registry).decode())
 
 
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sample's value; 0 when absent (a labelled counter not yet incremented)."""
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+def value(samples: Samples, name: str, default: float | None = None, **labels: str) -> float:
+    """The sample's value. A missing series is an error (a renamed or dropped metric
+    must fail the test) unless `default` is given, for a labelled counter that was
+    legitimately never incremented."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in samples:
+        if default is None:
+            raise KeyError(f"no sample {name}{labels} in the scrape")
+        return default
+    return samples[key]

@@ -70,6 +70,31 @@ def test_engine_refuses_a_malformed_model_folder_with_a_sentence(tmp_path):
     assert "GPT2LMHeadModel" in done.stderr and "not supported" in done.stderr
 
 
+def test_engine_on_a_taken_port_says_so(tiny_llama31_path):
+    config = EngineConfig(model_path=tiny_llama31_path, port=0, kv_cache_tokens=1024)
+    with running_engine(config) as running:
+        done = subprocess.run(
+            [
+                *LORAPLEX,
+                "engine",
+                "serve",
+                "--model",
+                str(tiny_llama31_path),
+                "--device",
+                "cpu",
+                "--kv-cache-tokens",
+                "1024",
+                "--port",
+                str(running.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2
+    assert "error: Failed to bind" in done.stderr and "Traceback" not in done.stderr
+
+
 def run_up(data_dir) -> subprocess.CompletedProcess:
     ports = ["--control-plane-port", str(free_port()), "--engine-port", str(free_port())]
     command = [*LORAPLEX, "up", "--demo-only", "--device", "cpu", "--data-dir", str(data_dir)]

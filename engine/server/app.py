@@ -194,12 +194,17 @@ def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch
     return blocks
 
 
-async def _watch_engine_loop(engine: Engine, health_servicer: health.aio.HealthServicer) -> None:
-    """Health says NOT_SERVING once the engine loop thread has died."""
+async def _watch_engine_loop(
+    engine: Engine, health_servicer: health.aio.HealthServicer, link: asyncio.Task | None
+) -> None:
+    """Once the engine loop thread has died: health says NOT_SERVING and the engine
+    stops heartbeating, so the control plane stops placing adapters on it."""
     while engine.is_alive():
         await asyncio.sleep(1.0)
     log.error("the engine loop has stopped; reporting NOT_SERVING")
     await health_servicer.enter_graceful_shutdown()
+    if link is not None:
+        link.cancel()
 
 
 async def serve(
@@ -209,12 +214,9 @@ async def serve(
 ) -> None:
     """Serves until cancelled. `on_ready(port)` runs once the port is bound."""
     parts = parts or await asyncio.to_thread(build_engine, config)
-    stop_metrics = None
-    if config.metrics_port:  # first: a busy port fails before anything else has started
-        stop_metrics = serve_metrics(parts.metrics.registry, config.host, config.metrics_port)
-        log.info("engine metrics on http://%s:%d/metrics", config.host, config.metrics_port)
-    parts.engine.start()
-    server = grpc.aio.server()
+    # gRPC shares a taken port by default (SO_REUSEPORT): a second engine would silently
+    # split the traffic. Binding must fail instead.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(
             parts.engine,
@@ -242,7 +244,12 @@ async def serve(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = server.add_insecure_port(f"{config.host}:{config.port}")  # raises if taken
+    stop_metrics = None
+    if config.metrics_port:
+        stop_metrics = serve_metrics(parts.metrics.registry, config.host, config.metrics_port)
+        log.info("engine metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    parts.engine.start()
     await server.start()
     for name in ("", *services[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -260,7 +267,7 @@ async def serve(
                 key_table=parts.keys,  # heartbeats report when each key was last used
             )
         )
-    watch = asyncio.create_task(_watch_engine_loop(parts.engine, health_servicer))
+    watch = asyncio.create_task(_watch_engine_loop(parts.engine, health_servicer, link))
     if on_ready is not None:
         on_ready(port)
     try:

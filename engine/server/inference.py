@@ -18,7 +18,7 @@ from engine.engine import Engine
 from engine.lora.errors import AdapterEvictingError, AdapterFormatError, AdapterNotFoundError
 from engine.lora.registry import AdapterRegistry
 from engine.metrics import EngineMetrics
-from engine.request import FinishReason, RequestOutput
+from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
 from engine.server.validation import InvalidRequest, RequestLimits, to_engine_request
 from engine.tokenizer import Tokenizer
@@ -44,6 +44,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         max_waiting: int = 1024,
     ) -> None:
         self._max_waiting = max_waiting
+        self._admitting = 0  # calls past the queue check, not yet submitted
         self._engine = engine
         self._tokenizer = tokenizer
         self._limits = limits
@@ -59,18 +60,45 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 "this engine's loop has stopped; use another engine",
             )
-        if self._engine.scheduler.num_waiting >= self._max_waiting:
+        tenant = await self._authenticate(context)
+        # Calls still being prepared count against the cap too, so a burst cannot slip
+        # past it before any of them reaches the queue.
+        if self._engine.num_queued + self._admitting >= self._max_waiting:
             await self._refuse(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self._max_waiting} requests are already waiting on this engine; "
                 "retry later or on another engine",
             )
-        tenant = await self._authenticate(context)
+        self._admitting += 1
+        try:
+            engine_request, request_id = await self._prepare(request, tenant, context)
+            loop = asyncio.get_running_loop()
+            outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            self._engine.submit(
+                engine_request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+            )
+        finally:
+            self._admitting -= 1
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finish_reason is not None
+                timer.on_output(out)
+                yield self._response(out, request_id, engine_request.adapter_id)
+        finally:
+            if not finished:  # the client cancelled or disconnected
+                self._engine.abort(engine_request.request_id)
+
+    async def _prepare(
+        self, request: inference_pb2.GenerateRequest, tenant: str | None, context
+    ) -> tuple[EngineRequest, str]:
+        """Resolves the adapter, validates and tokenizes; returns the engine's request and
+        the request_id to echo. Refuses (raises) whatever the caller got wrong."""
         adapter_id = await self._resolve_adapter(request.adapter, tenant, context)
         # The engine's own id: a client's request_id is echoed, never trusted as a key.
         engine_id = uuid.uuid4().hex
-        request_id = request.request_id or engine_id
         try:  # tokenizing a long prompt or rendering a template must not stall the loop
             engine_request = await asyncio.to_thread(
                 to_engine_request,
@@ -85,22 +113,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if adapter_id is not None:
             await self._acquire_adapter(adapter_id, context)
-
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._engine.submit(
-            engine_request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
-        )
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                finished = out.finish_reason is not None
-                timer.on_output(out)
-                yield self._response(out, request_id, adapter_id)
-        finally:
-            if not finished:  # the client cancelled or disconnected
-                self._engine.abort(engine_id)
+        return engine_request, request.request_id or engine_id
 
     async def _acquire_adapter(self, adapter_id: str, context) -> None:
         """Counts the request on its adapter (the engine loop releases it at the end) and
@@ -109,14 +122,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self._adapters.acquire(adapter_id)
         except (AdapterNotFoundError, AdapterEvictingError) as exc:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        on_device = self._engine.scheduler.slots.slot_of(adapter_id) is not None
+        if not self._adapters.max_cpu_loras or on_device:
+            return  # no host cache to fill, or already on the device
         try:
             await asyncio.to_thread(self._adapters.weights, adapter_id)
         except (AdapterFormatError, OSError) as exc:
             self._adapters.release(adapter_id)
             await self._refuse(
                 context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"adapter {adapter_id!r} can no longer be read from disk: {exc}",
+                grpc.StatusCode.UNAVAILABLE,
+                f"adapter {adapter_id!r} cannot be read from this engine's disk ({exc}); "
+                "retry on another engine",
             )
         except BaseException:  # cancelled before the engine loop owns the request
             self._adapters.release(adapter_id)

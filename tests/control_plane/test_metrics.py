@@ -70,17 +70,17 @@ def test_scraped_fleet_reconciler_and_rpc_error_metrics(
             wait_for(lambda: held(engine) == {"acme/a@1": ("acme/a",)}, 10, "a loaded")
             placed = {"desired": "loaded", "observed": "loaded"}
             loaded = scrape_until(
-                port, lambda s: value(s, CP + "placements", **placed) == 1, "a placed"
+                port, lambda s: value(s, CP + "placements", 0, **placed) == 1, "a placed"
             )
             admin.RegisterAdapter(adapter("b", other_adapter))
             refused = {"outcome": "FAILED_PRECONDITION"}
             scrape_until(
-                port, lambda s: value(s, CP + "adapter_loads_total", **refused) >= 1, "b refused"
+                port, lambda s: value(s, CP + "adapter_loads_total", 0, **refused) >= 1, "b refused"
             )
             admin.RetireAdapter(pb.RetireAdapterRequest(tenant="acme", name="a"))
             final = scrape_until(
                 port,
-                lambda s: value(s, CP + "adapter_evictions_total", outcome="OK") == 1,
+                lambda s: value(s, CP + "adapter_evictions_total", 0, outcome="OK") == 1,
                 "a evicted",
             )
 

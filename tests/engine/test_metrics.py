@@ -60,14 +60,14 @@ def test_scraped_counts_and_gauges_after_served_cancelled_and_refused_calls(tiny
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         finished = "loraplex_engine_requests_finished_total"
-        samples = scrape_until(port, lambda s: value(s, finished, tenant="", reason="cancelled"))
+        samples = scrape_until(port, lambda s: value(s, finished, 0, tenant="", reason="cancelled"))
         info = running.admin.GetEngineInfo(admin_pb.GetEngineInfoRequest())
         steps = running.parts.engine.steps
 
     assert value(samples, "loraplex_engine_requests_started_total", tenant="") == 3
     assert value(samples, finished, tenant="", reason="length") == 2
     assert value(samples, finished, tenant="", reason="cancelled") == 1
-    assert value(samples, finished, tenant="", reason="stop") == 0
+    assert value(samples, finished, 0, tenant="", reason="stop") == 0
     refused_total = "loraplex_engine_requests_refused_total"
     assert value(samples, refused_total, code="INVALID_ARGUMENT") == 1
     assert value(samples, "loraplex_engine_prompt_tokens_total", tenant="") == 3 + 4 + 20

@@ -129,25 +129,23 @@ def test_an_unexpected_error_in_the_loop_fails_requests_in_flight_and_the_loop_s
 
 def test_an_adapter_gone_from_disk_is_refused_clearly(tiny_llama31_path, tmp_path):
     root = tmp_path / "adapters"
-    make_peft_adapter(
-        tiny_llama31_path, root / "gone", r=4, alpha=8, target_modules=["q_proj"], seed=1
-    )
-    # No host cache: every use reads the adapter from disk.
-    with running_engine(
-        config_for(tiny_llama31_path, max_cpu_loras=0, adapter_roots=(root,))
-    ) as running:
-        running.admin.LoadAdapter(
-            admin_pb.LoadAdapterRequest(adapter_id="gone", path=str(root / "gone"))
+    for seed, name in enumerate(("gone", "other")):
+        make_peft_adapter(
+            tiny_llama31_path, root / name, r=4, alpha=8, target_modules=["q_proj"], seed=seed
         )
+    # One slot and one host-cached adapter: using "other" pushes "gone" out of both.
+    config = config_for(tiny_llama31_path, max_loras=1, max_cpu_loras=1, adapter_dir=root)
+    with running_engine(config) as running:
         assert running.generate(ids_request([5, 6], 3, adapter="gone")).completion_tokens == 3
+        assert running.generate(ids_request([5, 6], 3, adapter="other")).completion_tokens == 3
         shutil.rmtree(root / "gone")
         with pytest.raises(grpc.RpcError) as caught:
             running.generate(ids_request([5, 6], 3, adapter="gone"))
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "can no longer be read" in caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot be read" in caught.value.details()
         listing = running.admin.ListAdapters(admin_pb.ListAdaptersRequest()).adapters
-        assert listing[0].requests_in_flight == 0
-        assert running.generate(ids_request([5, 6], 3)).completion_tokens == 3
+        assert all(a.requests_in_flight == 0 for a in listing)
+        assert running.generate(ids_request([5, 6], 3, adapter="other")).completion_tokens == 3
 
 
 def test_an_engine_under_a_control_plane_needs_the_admin_token(tiny_llama31_path):
@@ -170,3 +168,50 @@ def test_a_bad_folder_in_the_adapter_dir_is_skipped_and_the_rest_served(
         listing = running.admin.ListAdapters(admin_pb.ListAdaptersRequest()).adapters
         assert [a.adapter_id for a in listing] == ["good"]
         assert running.generate(ids_request([5, 6], 3, adapter="good")).completion_tokens == 3
+
+
+def test_a_burst_cannot_slip_past_the_queue_cap(tiny_llama31_path):
+    config = config_for(
+        tiny_llama31_path, max_num_seqs=1, max_num_batched_tokens=64, max_num_waiting=2
+    )
+    codes: list = []
+    with running_engine(config) as running:
+
+        def run(i: int) -> None:
+            try:
+                running.generate(ids_request([5, 6, i + 7], 20))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) <= 4  # one running + two waiting, give or take
+
+
+class LoopKiller(BaseException):
+    """Escapes the loop's catch-all, as nothing ordinary should."""
+
+
+def test_if_the_loop_dies_every_request_still_gets_a_final_message(tiny_llama31_path, monkeypatch):
+    with running_engine(config_for(tiny_llama31_path)) as running:
+        engine = running.parts.engine
+        stream = running.inference.Generate(ids_request([5, 6, 7], 500))
+        next(stream)
+
+        def dies():
+            raise LoopKiller()
+
+        monkeypatch.setattr(engine.scheduler, "schedule", dies)
+        last = list(stream)[-1]
+        assert last.finish_reason == inference_pb2.FINISH_REASON_ERROR
+        assert "stopped" in last.error
+        wait_until(lambda: not engine.is_alive())
+        with pytest.raises(grpc.RpcError) as caught:
+            running.generate(ids_request([5, 6], 3))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
