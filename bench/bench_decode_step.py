@@ -13,11 +13,7 @@ slot, so the context stays the same length.
 
 Scenarios: base (no adapters), distinct (one adapter per row), shared (every row the
 same adapter). Modes: eager with the torch-reference attention, eager with the
-Triton decode attention, and a replayed CUDA graph (Triton attention). `--lora-form`
-picks the LoRA kernel form of the graphs' LoRA steps (`DecodeGraphs(lora_form=...)`;
-"auto" = the engine's default); given several forms, one set of graphs is captured per
-form and each is its own mode ("cuda_graph[bgmv]", ...), so one run compares them. The
-eager modes always use the form `choose_form` picks. The floor is
+Triton decode attention, and a replayed CUDA graph (Triton attention). The floor is
 the bytes a step must read at 4.2 TB/s: every weight but the embedding table (only B
 rows of it), the K/V of every context, and each distinct active adapter's A and B.
 """
@@ -36,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.attention.torch_ref import attend_torch  # noqa: E402
-from engine.cuda_graphs import GRAPH_LORA_FORMS, DecodeGraphs  # noqa: E402
+from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.lora.slot_pool import GROUPS, LoraSlotPool  # noqa: E402
 from engine.model.config import ModelConfig  # noqa: E402
@@ -129,30 +125,6 @@ def time_steps(runner: ModelRunner, batch: ScheduledBatch, warmup: int, steps: i
     return times
 
 
-def check_graph_logits(
-    modes: dict[str, tuple[ModelRunner, object, DecodeGraphs | None]],
-    batch: ScheduledBatch,
-    attend: object,
-) -> dict[str, dict[str, float]]:
-    """Logits of each graph mode's replay vs the eager forward (Triton attention, the
-    form `choose_form` picks): max abs difference and greedy-token agreement."""
-    model = next(iter(modes.values()))[0].model
-    model.attend = attend
-    eager = next(iter(modes.values()))[0]._forward(batch).clone()
-    report = {}
-    for mode, (_, _, graphs) in modes.items():
-        if graphs is None:
-            continue
-        logits = graphs.run(batch.seqs)
-        assert logits is not None, f"{mode}: the batch did not fit a graph"
-        report[mode] = {
-            "max_abs_diff": float((logits - eager).abs().max()),
-            "argmax_agree": float((logits.argmax(-1) == eager.argmax(-1)).float().mean()),
-        }
-        print(f"{mode}: logits vs eager {report[mode]}", flush=True)
-    return report
-
-
 def floor_bytes(
     model: LlamaModel, pool: LoraSlotPool, batch: int, context: int, adapters: int
 ) -> dict[str, int]:
@@ -175,15 +147,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="")
-    parser.add_argument(
-        "--lora-form",
-        nargs="+",
-        default=["auto"],
-        choices=["auto", *GRAPH_LORA_FORMS],
-        help="LoRA form(s) of the CUDA-graph mode; several = one graph mode per form",
-    )
     args = parser.parse_args()
-    forms = list(dict.fromkeys(args.lora_form))
     if not torch.cuda.is_available():
         print("bench_decode_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -196,51 +160,33 @@ def main() -> int:
         "shared": [0] * args.batch,
     }
     distinct_adapters = {"base": 0, "distinct": args.batch, "shared": 1}
+    graphs = DecodeGraphs(
+        model,
+        cache,
+        pool,
+        max_num_seqs=args.batch,
+        max_model_len=MAX_MODEL_LEN,
+        pad_block=cache.num_blocks - 1,
+    )
+    capture_s = graphs.capture(sizes=[args.batch])
+    print(f"captured 2 graphs (bucket {args.batch}) in {capture_s:.1f} s", flush=True)
     from engine.attention.triton_backend import attend_triton
 
-    modes: dict[str, tuple[ModelRunner, object, DecodeGraphs | None]] = {
-        "eager_torch_attn": (ModelRunner(model, cache, pool, "triton"), attend_torch, None),
-        "eager_triton_attn": (ModelRunner(model, cache, pool, "triton"), attend_triton, None),
+    modes = {
+        "eager_torch_attn": (ModelRunner(model, cache, pool, "triton"), attend_torch),
+        "eager_triton_attn": (ModelRunner(model, cache, pool, "triton"), attend_triton),
+        "cuda_graph": (ModelRunner(model, cache, pool, "triton", graphs), attend_triton),
     }
-    capture_s: dict[str, float] = {}
-    for form in forms:
-        # "auto" leaves DecodeGraphs' default form: what the engine runs.
-        kwargs = {} if form == "auto" else {"lora_form": form}
-        graphs = DecodeGraphs(
-            model,
-            cache,
-            pool,
-            max_num_seqs=args.batch,
-            max_model_len=MAX_MODEL_LEN,
-            pad_block=cache.num_blocks - 1,
-            **kwargs,
-        )
-        try:
-            capture_s[form] = graphs.capture(sizes=[args.batch])
-        except Exception as exc:  # e.g. a kernel that does not compile: keep the other forms
-            print(f"lora form {form}: capture failed, skipped: {exc!r}"[:500], flush=True)
-            continue
-        print(
-            f"captured 2 graphs (bucket {args.batch}, lora form {graphs.lora_form}) "
-            f"in {capture_s[form]:.1f} s",
-            flush=True,
-        )
-        mode = "cuda_graph" if len(forms) == 1 else f"cuda_graph[{form}]"
-        runner = ModelRunner(model, cache, pool, "triton", graphs)
-        modes[mode] = (runner, attend_triton, graphs)
-    check = check_graph_logits(
-        modes, make_batch(scenarios["distinct"], args.context, blocks_per_seq), attend_triton
-    )
     results = []
     for scenario, slots in scenarios.items():
         batch = make_batch(slots, args.context, blocks_per_seq)
         parts = floor_bytes(model, pool, args.batch, args.context, distinct_adapters[scenario])
         floor_ms = sum(parts.values()) / HBM_BYTES_PER_S * 1e3
-        for mode, (runner, attend, graphs) in modes.items():
+        for mode, (runner, attend) in modes.items():
             model.attend = attend
-            replays = graphs.num_replays if graphs is not None else 0
+            replays = graphs.num_replays
             times = time_steps(runner, batch, args.warmup, args.steps)
-            if graphs is not None:
+            if mode == "cuda_graph":
                 assert graphs.num_replays - replays == args.warmup + args.steps, "graph not used"
             median = statistics.median(times)
             results.append(
@@ -262,15 +208,15 @@ def main() -> int:
         for scenario in ("distinct", "shared")
         for mode in modes
     }
-    print(f"\n{'scenario':<9} {'mode':<22} {'median ms':>10} {'floor ms':>9} {'x floor':>8}")
+    print(f"\n{'scenario':<9} {'mode':<18} {'median ms':>10} {'floor ms':>9} {'x floor':>8}")
     for r in results:
         print(
-            f"{r['scenario']:<9} {r['mode']:<22} {r['median_ms']:>10.3f} "
+            f"{r['scenario']:<9} {r['mode']:<18} {r['median_ms']:>10.3f} "
             f"{r['floor_ms']:>9.3f} {r['ratio_to_floor']:>8.2f}"
         )
     print()
     for name, value in ratios.items():
-        print(f"{name:<48} {value:.3f}")
+        print(f"{name:<40} {value:.3f}")
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     if args.out:
         out = Path(args.out)
@@ -283,11 +229,9 @@ def main() -> int:
             "rank": args.rank,
             "steps": args.steps,
             "hbm_bytes_per_s": HBM_BYTES_PER_S,
-            "lora_forms": forms,
-            "capture_s": capture_s if len(forms) > 1 else capture_s.get(forms[0]),
+            "capture_s": capture_s,
             "results": results,
             "ratios": ratios,
-            "graph_logits_vs_eager": check,
         }
         out.write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")

@@ -4,11 +4,10 @@ A decode step of B sequences (each one token, each sampling) launches hundreds o
 small kernels; replaying a captured graph removes their launch overhead. For every
 bucket of `capture_sizes(max_num_seqs)` two graphs are captured:
 - base: `lora=None`, for steps where no row has an adapter;
-- lora: BGMV on every projection (`lora_form`: "bgmv" shrink/expand, or "bgmv_fused",
-  one launch per group), reading each row's adapter slot, the row order and the slot
-  ranks from static device buffers, so one graph serves any mix of adapters and base
-  rows (slot -1), and slot reloads between replays (the pool buffers are fixed; only
-  their contents and ranks change).
+- lora: BGMV shrink/expand on every projection, reading each row's adapter slot, the
+  row order and the slot ranks from static device buffers, so one graph serves any
+  mix of adapters and base rows (slot -1), and slot reloads between replays (the pool
+  buffers are fixed; only their contents and ranks change).
 What a graph can not capture is a host-side decision that changes from step to step.
 The attention backend reads context lengths and block tables from device memory
 (`AttentionMetadata.for_decode_graph`), and the LoRA launch sizes come from bounds
@@ -37,7 +36,6 @@ from engine.graph_inputs import (
     is_decode_only,
     pad_decode,
 )
-from engine.kernels.lora_ops import Form
 from engine.kernels.meta import LoraKernelMeta
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
@@ -47,9 +45,6 @@ from engine.scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
 
-# Forms whose launch sizes depend only on bounds (SGMV's grid follows the segments).
-GRAPH_LORA_FORMS: tuple[Form, ...] = ("bgmv", "bgmv_fused")
-
 
 class DecodeGraphs:
     """Captured decode forwards for `model`; `run` replays one or says it cannot.
@@ -57,8 +52,7 @@ class DecodeGraphs:
     `pad_block` is a KV block reserved for padding rows: the scheduler must never hand
     it out. `max_model_len` bounds every sequence's context (it sizes the static block
     tables). `lora_pool` None, or `lora_graphs` False (e.g. the torch LoRA backend),
-    captures base graphs only; steps with adapters then run eagerly. `lora_form` is the
-    LoRA kernel form of the lora graphs, one of `GRAPH_LORA_FORMS`.
+    captures base graphs only; steps with adapters then run eagerly.
     """
 
     def __init__(
@@ -71,7 +65,6 @@ class DecodeGraphs:
         max_model_len: int,
         pad_block: int,
         lora_graphs: bool = True,
-        lora_form: Form = "bgmv",
     ) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")
@@ -79,9 +72,6 @@ class DecodeGraphs:
             raise ValueError("the model's attention backend cannot run in a CUDA graph")
         if not 0 <= pad_block < kv_cache.num_blocks:
             raise ValueError(f"pad_block {pad_block} is not a block of the KV cache")
-        if lora_form not in GRAPH_LORA_FORMS:
-            raise ValueError(f"lora_form {lora_form!r} is not one of {GRAPH_LORA_FORMS}")
-        self.lora_form: Form = lora_form
         self.model = model
         self.kv_cache = kv_cache
         self.lora_pool = lora_pool if lora_graphs else None
@@ -161,7 +151,7 @@ class DecodeGraphs:
         lora = None
         if with_lora:
             assert self.lora_pool is not None
-            lora = graph_lora_applier(self.lora_pool, b, size, self.lora_form)
+            lora = graph_lora_applier(self.lora_pool, b, size)
         self._inputs[(size, with_lora)] = (attn, lora)
 
         def forward() -> None:
@@ -202,12 +192,11 @@ def graph_attention_metadata(
 
 
 def graph_lora_applier(
-    pool: LoraSlotPool, buffers: StaticDecodeBuffers, size: int, form: Form = "bgmv"
+    pool: LoraSlotPool, buffers: StaticDecodeBuffers, size: int
 ) -> MultiLoraApplier:
-    """BGMV (`form` "bgmv" or "bgmv_fused") over the static buffers of a `size`-row
-    bucket, sized by bounds: every row counted active, the pool's `max_rank` as the
-    batch's rank (the kernels read each row's slot and each slot's rank from the
-    buffers and skip slot -1 and rank 0)."""
+    """BGMV over the static buffers of a `size`-row bucket, sized by bounds: every row
+    counted active, the pool's `max_rank` as the batch's rank (the kernels read each
+    row's slot and each slot's rank from the buffers and skip slot -1 and rank 0)."""
     seg_starts = torch.zeros(1, dtype=torch.int32, device=pool.device)
     meta = LoraKernelMeta(
         token_slots=buffers.token_slots(size),
@@ -223,4 +212,4 @@ def graph_lora_applier(
         seg_slots_host=(),
         seg_ranks_host=(),
     )
-    return MultiLoraApplier.from_meta(pool, meta, backend="triton", form=form)
+    return MultiLoraApplier.from_meta(pool, meta, backend="triton", form="bgmv")

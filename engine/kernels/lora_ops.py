@@ -7,9 +7,7 @@ base GEMM, which adds each token's own adapter delta into the GEMM output in pla
 Backends: "triton" (CUDA tensors, or CPU tensors under the Triton interpreter) and
 "torch" (the reference in `engine.kernels.reference`, used by the engine on the CPU).
 Forms (Triton only, same math): "sgmv" tiles segments of tokens that share an adapter,
-"bgmv" gives every token its own program, "bgmv_fused" (decode, `add_lora` only) does a
-token's shrink and expand in one launch with no h in memory. `choose_form` picks one per
-step (never "bgmv_fused" yet). The torch backend ignores the form: the math is the same.
+"bgmv" gives every token its own program. `choose_form` picks one per step.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ import torch
 from engine.kernels import reference
 from engine.kernels.meta import MAX_SLICES, LoraKernelMeta
 
-Form = Literal["sgmv", "bgmv", "bgmv_fused"]
-FUSED_FORM = "bgmv_fused"  # add_lora only: it has no separate shrink and expand
+Form = Literal["sgmv", "bgmv"]
 Backend = Literal["triton", "torch"]
 
 # SGMV reads an adapter's A/B once per tile of its tokens, where BGMV re-reads them per
@@ -83,29 +80,6 @@ def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraKernelMeta) -
         raise ValueError(f"a slot has rank {meta.max_rank} > r_max {lora_a.shape[2]}")
 
 
-def _split_form(form: Form | None, meta: LoraKernelMeta) -> Form:
-    """The form of a separate shrink or expand: the fused form has none, so an automatic
-    choice of it falls back to "bgmv" (same launch sizing) and an explicit one is refused."""
-    if form == FUSED_FORM:
-        raise ValueError("form 'bgmv_fused' has no separate shrink/expand: call add_lora")
-    chosen = form or choose_form(meta)
-    return "bgmv" if chosen == FUSED_FORM else chosen
-
-
-def _check_add(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    out: torch.Tensor,
-    slice_offsets: Sequence[int],
-    meta: LoraKernelMeta,
-) -> None:
-    _check_shrink(x, lora_a, meta)
-    if lora_b.shape[:2] != (lora_a.shape[0], out.shape[1]) or out.shape[0] != x.shape[0]:
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} / out {tuple(out.shape)} mismatch")
-    _check_slices(slice_offsets, lora_a.shape[1], out.shape[1])
-
-
 def _check_h(h: torch.Tensor, num_tokens: int, n_slices: int, r_max: int) -> None:
     if h.shape != (num_tokens, n_slices, r_max) or h.dtype != torch.float32:
         raise ValueError(f"h must be [{num_tokens}, {n_slices}, {r_max}] float32, got {h.shape}")
@@ -155,7 +129,7 @@ def lora_shrink(
         return reference.shrink_ref(x, lora_a, meta, h)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'torch'")
-    form = _split_form(form, meta)
+    form = form or choose_form(meta)
     if form == "sgmv":
         from engine.kernels.sgmv import sgmv_shrink as launch
     elif form == "bgmv":
@@ -192,7 +166,7 @@ def lora_expand(
         return
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'torch'")
-    form = _split_form(form, meta)
+    form = form or choose_form(meta)
     if form == "sgmv":
         from engine.kernels.sgmv import sgmv_expand
 
@@ -221,30 +195,17 @@ def add_lora(
 
     `out[t, o_i:o_{i+1}] += (x[t] @ A[s, i, :r].T) @ B[s, o_i:o_{i+1}, :r].T` for each
     token t with slot s (rank r); rows of tokens with slot -1 stay bit-identical.
-    Shapes as in `lora_shrink` / `lora_expand`; `h` is an optional scratch buffer
-    (unused by the torch backend and by form "bgmv_fused", which keeps h in registers).
+    Shapes as in `lora_shrink` / `lora_expand`; `h` is an optional scratch buffer.
     """
     if meta.num_active == 0:
         return
     if backend == "torch":
-        _check_add(x, lora_a, lora_b, out, slice_offsets, meta)
+        _check_shrink(x, lora_a, meta)
+        if lora_b.shape[:2] != (lora_a.shape[0], out.shape[1]) or out.shape[0] != x.shape[0]:
+            raise ValueError(f"lora_b {tuple(lora_b.shape)} / out {tuple(out.shape)} mismatch")
+        _check_slices(slice_offsets, lora_a.shape[1], out.shape[1])
         reference.add_lora_ref(x, lora_a, lora_b, out, slice_offsets, meta)
         return
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'torch'")
     form = form or choose_form(meta)
-    if form == FUSED_FORM:
-        _check_add(x, lora_a, lora_b, out, slice_offsets, meta)
-        same = {(t.dtype, t.device) for t in (x, lora_b, out)}
-        if len(same) != 1 or lora_b.shape[2] != lora_a.shape[2]:
-            raise ValueError(
-                f"bgmv_fused needs x, lora_b and out of one dtype and device and lora_b's "
-                f"r_max equal to lora_a's: got {sorted(map(str, same))}, "
-                f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
-            )
-        from engine.kernels.bgmv_fused import bgmv_fused_add
-
-        bgmv_fused_add(x, lora_a, lora_b, out, slice_offsets, meta)
-        return
     h = lora_shrink(x, lora_a, meta, form, backend=backend, h=h)
     lora_expand(h, lora_b, out, slice_offsets, meta, form, backend=backend)

@@ -12,14 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.kernels.lora_ops import (
-    FUSED_FORM,
-    Backend,
-    Form,
-    add_lora,
-    choose_form,
-    default_backend,
-)
+from engine.kernels.lora_ops import Backend, Form, add_lora, choose_form, default_backend
 from engine.kernels.meta import LoraKernelMeta, build_meta
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.lora_hook import PROJECTION_GROUPS
@@ -50,7 +43,7 @@ class MultiLoraApplier:
     ) -> MultiLoraApplier:
         """An applier over a prebuilt `meta` with a fixed `form`: e.g. a CUDA graph's,
         whose device tensors are refilled between replays and whose host fields are
-        bounds (see `engine.cuda_graphs`; there `form` is "bgmv" or "bgmv_fused")."""
+        bounds (see `engine.cuda_graphs`)."""
         applier = cls.__new__(cls)
         applier._setup(pool, meta, backend, form)
         return applier
@@ -63,8 +56,7 @@ class MultiLoraApplier:
         self.meta: LoraKernelMeta = meta
         self.form: Form = form
         self._h: torch.Tensor | None = None
-        # The fused form keeps h in registers; the others shrink into memory.
-        if self.meta.num_active and self.backend != "torch" and form != FUSED_FORM:
+        if self.meta.num_active and self.backend != "torch":
             # One float32 scratch for the shrink output, shared by every layer and group.
             self._h = torch.empty(
                 self.meta.num_tokens * _MAX_GROUP_SLICES * pool.max_rank,
