@@ -7,7 +7,7 @@ SyncApiKeys call to an engine, and every ControlPlane RPC that ends in an error 
 server interceptor). Labels are bounded: states, gRPC status names, RPC method names.
 
 Each `ControlPlaneMetrics` owns its CollectorRegistry, so several control planes in one
-process (tests) never clash; `serve_metrics` exposes it over HTTP.
+process (tests) never clash; `loraplex.metrics_http` exposes it over HTTP.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -201,15 +201,3 @@ def _by_state(name: str, documentation: str, states: Any, counts: dict[str, int]
     for state in states:  # every state, zeros included: series do not come and go
         family.add_metric([state.value], counts.get(state.value, 0))
     return family
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable[[], None]:
-    """Serves `registry` at http://host:port/metrics from a daemon thread; returns stop."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    return stop

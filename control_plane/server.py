@@ -22,7 +22,7 @@ from control_plane import migrate
 from control_plane.admin_auth import AdminTokenInterceptor
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import make_db_engine, make_session_factory
-from control_plane.metrics import ControlPlaneMetrics, RpcMetricsInterceptor, serve_metrics
+from control_plane.metrics import ControlPlaneMetrics, RpcMetricsInterceptor
 from control_plane.reconciler.engine_client import EngineClient
 from control_plane.reconciler.loop import Reconciler
 from control_plane.reconciler.store import ReconcileStore
@@ -32,6 +32,7 @@ from control_plane.services.base_models import BaseModelService
 from control_plane.services.common import ServiceContext, utcnow
 from control_plane.services.engines import EngineService
 from control_plane.services.tenants import TenantService
+from loraplex.metrics_http import serve_metrics
 from loraplex.v1 import control_plane_pb2, control_plane_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,16 @@ Labels are bounded: `tenant` (the control plane bounds tenants; "" = no tenant),
 (prefill/decode/mixed). Adapters are never a label: there may be thousands.
 
 Each `EngineMetrics` owns its CollectorRegistry (not the process-global one), so
-several engines in one process never clash; `serve_metrics` exposes it over HTTP.
+several engines in one process never clash; `loraplex.metrics_http` exposes it over HTTP.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -221,15 +221,3 @@ class _LiveStateCollector(Collector):
         )
         for name, documentation, value in values:
             yield GaugeMetricFamily("loraplex_engine_" + name, documentation, value=value)
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable[[], None]:
-    """Serves `registry` at http://host:port/metrics from a daemon thread; returns stop."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    return stop

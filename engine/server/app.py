@@ -27,7 +27,7 @@ from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
 from engine.lora.errors import AdapterConflictError, AdapterFormatError, AdapterPathError
 from engine.lora.registry import AdapterRegistry
 from engine.lora.slot_pool import LoraSlotPool
-from engine.metrics import EngineMetrics, serve_metrics
+from engine.metrics import EngineMetrics
 from engine.model.config import ModelConfig
 from engine.model.loader import load_model, model_fingerprint
 from engine.runner import ModelRunner
@@ -38,6 +38,7 @@ from engine.server.control_link import ControlLinkConfig, run_control_link
 from engine.server.inference import InferenceServicer
 from engine.server.validation import RequestLimits
 from engine.tokenizer import Tokenizer
+from loraplex.metrics_http import serve_metrics
 from loraplex.v1 import engine_admin_pb2, engine_admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
