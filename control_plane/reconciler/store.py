@@ -113,19 +113,7 @@ class ReconcileStore:
             for address in stale:
                 AuditRepository(session).record(ACTOR, "engine.stale", address, now)
             all_engines = engines.all()
-            versions = tuple(
-                VersionSpec(
-                    version_id=row.id,
-                    adapter_id=version_adapter_id(row.tenant, row.name, row.number),
-                    tenant=row.tenant,
-                    path=row.path,
-                    sha256=row.sha256,
-                    aliases=(adapter_alias(row.tenant, row.name),) if row.current else (),
-                    base_model_id=row.base_model_id,
-                    replicas=row.replicas,
-                )
-                for row in active_version_rows(session)
-            )
+            versions = tuple(_specs(active_version_rows(session)))
             placements = {
                 (p.version_id, p.engine_id): _view(p) for p in PlacementRepository(session).all()
             }
@@ -150,7 +138,7 @@ class ReconcileStore:
         with self._ctx.sessions.begin() as session:
             placements = PlacementRepository(session)
             rows = {(p.version_id, p.engine_id): p for p in placements.for_engines(engine_ids)}
-            ids = {s.version_id: s.adapter_id for s in _active_specs(session)}
+            ids = {s.version_id: s.adapter_id for s in _specs(active_version_rows(session))}
             for version_id, wanted in desired.items():
                 for engine_id in wanted & set(engine_ids):
                     if (version_id, engine_id) not in rows:
@@ -260,10 +248,6 @@ class ReconcileStore:
         return marked
 
 
-def _active_specs(session: Session) -> list[VersionSpec]:
-    return _specs(active_version_rows(session))
-
-
 def _specs(rows: Sequence[Row[Any]]) -> list[VersionSpec]:
     return [
         VersionSpec(
@@ -272,7 +256,7 @@ def _specs(rows: Sequence[Row[Any]]) -> list[VersionSpec]:
             tenant=row.tenant,
             path=row.path,
             sha256=row.sha256,
-            aliases=(),
+            aliases=(adapter_alias(row.tenant, row.name),) if row.current else (),
             base_model_id=row.base_model_id,
             replicas=row.replicas,
         )
