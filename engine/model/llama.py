@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.attention import AttentionBackend, AttentionMetadata, select_backend
+from engine.kernels import triton_available
 from engine.kv_cache import KVCache
 from engine.model.config import ModelConfig
 from engine.model.lora_hook import LoraApplier
@@ -26,16 +27,55 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x32.to(x.dtype)
 
 
+def add_rms_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, fused: bool
+) -> tuple[Tensor, Tensor]:
+    """`residual = x + residual` (or `x` when None), then (rms_norm(residual), residual).
+
+    `fused` runs it as one Triton launch that updates `residual` in place; the torch
+    path allocates. Both round the sum to the activation dtype before the norm.
+    """
+    if fused:
+        from engine.kernels.fused import add_rms_norm as fused_add_rms_norm
+
+        normed = fused_add_rms_norm(x, residual, weight, eps)
+        return normed, x if residual is None else residual
+    residual = x if residual is None else residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(gate_up: Tensor, fused: bool) -> Tensor:
+    """`silu(gate) * up` of a fused `[T, 2*I]` gate/up projection -> `[T, I]`."""
+    if fused:
+        from engine.kernels.fused import silu_and_mul as fused_silu_and_mul
+
+        return fused_silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def fused_ops_available(device: torch.device) -> bool:
+    """Whether the fused Triton element-wise kernels (`engine.kernels.fused`) can run."""
+    return device.type == "cuda" and triton_available()
+
+
 def _weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     # Filled by the loader; inference only, so no autograd bookkeeping.
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm attention + SwiGLU MLP block with fused projections."""
+    """One pre-norm attention + SwiGLU MLP block with fused projections.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    The residual stream is carried separately from each block's output, so that the
+    residual add of one block is fused into the next block's norm.
+    """
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, fused: bool
+    ) -> None:
         super().__init__()
+        self.fused = fused
         hidden, inter = config.hidden_size, config.intermediate_size
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -57,16 +97,17 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         layer: int,
-        h: Tensor,  # [T, hidden]
+        h: Tensor,  # [T, hidden]: the previous block's output (the embeddings first)
+        residual: Tensor | None,  # [T, hidden]: the residual stream before h, None first
         rope: RotaryEmbedding,
         positions: Tensor,  # [T] long
         attend: AttentionBackend,
         meta: AttentionMetadata,
         kv_layer: Tensor,  # [2, num_blocks, block_size, KVH, D]
         lora: LoraApplier | None,
-    ) -> Tensor:  # [T, hidden]
+    ) -> tuple[Tensor, Tensor]:  # (this block's output [T, hidden], residual [T, hidden])
         num_tokens = h.shape[0]
-        x = rms_norm(h, self.input_norm, self.eps)
+        x, residual = add_rms_norm(h, residual, self.input_norm, self.eps, self.fused)
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [T, q + 2*kv]
         if lora is not None:
             lora.apply(layer, "qkv", x, qkv)
@@ -74,23 +115,21 @@ class DecoderLayer(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(q, k, positions)
+        q, k = rope(q, k, positions, in_place=self.fused)
         attn = attend(q, k, v, kv_layer, meta, self.scale).reshape(num_tokens, self.q_size)
         o = F.linear(attn, self.o_proj, self.o_bias)  # [T, hidden]
         if lora is not None:
             lora.apply(layer, "o", attn, o)
-        h = h + o
 
-        x = rms_norm(h, self.post_attention_norm, self.eps)
+        x, residual = add_rms_norm(o, residual, self.post_attention_norm, self.eps, self.fused)
         gate_up = F.linear(x, self.gate_up_proj)  # [T, 2*inter]
         if lora is not None:
             lora.apply(layer, "gate_up", x, gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up  # [T, inter]
+        act = silu_and_mul(gate_up, self.fused)  # [T, inter]
         down = F.linear(act, self.down_proj)  # [T, hidden]
         if lora is not None:
             lora.apply(layer, "down", act, down)
-        return h + down
+        return down, residual
 
 
 def has_o_proj_bias(config: ModelConfig) -> bool:
@@ -110,9 +149,13 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         attend: AttentionBackend | None = None,
+        fused_ops: bool | None = None,
     ) -> None:
+        """`fused_ops` None uses the fused Triton element-wise kernels where they run
+        (CUDA with Triton); False keeps the plain torch code everywhere."""
         super().__init__()
         device = torch.device(device)
+        self.fused_ops = fused_ops_available(device) if fused_ops is None else fused_ops
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -120,7 +163,7 @@ class LlamaModel(nn.Module):
         p = {"dtype": dtype, "device": device}
         self.embed_tokens = _weight(config.vocab_size, config.hidden_size, **p)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, dtype, device) for _ in range(config.num_layers)
+            DecoderLayer(config, dtype, device, self.fused_ops) for _ in range(config.num_layers)
         )
         self.norm = _weight(config.hidden_size, **p)
         self.lm_head = (
@@ -143,11 +186,20 @@ class LlamaModel(nn.Module):
         """Run one step: write every token's k/v into the cache, return logits of
         `logits_indices` (typically each sequence's last token in this step)."""
         h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        residual = None
         for index, layer in enumerate(self.layers):
-            h = layer(
-                index, h, self.rope, positions, self.attend, attn, kv_cache.layer(index), lora
-            )
+            h, residual = layer(
+                index, h, residual, self.rope, positions, self.attend, attn,
+                kv_cache.layer(index), lora,
+            )  # fmt: skip
         # Norm and head only for the tokens we sample from: the head is the widest GEMM.
-        h = rms_norm(h.index_select(0, logits_indices), self.norm, self.config.rms_norm_eps)
+        assert residual is not None
+        h, _ = add_rms_norm(
+            h.index_select(0, logits_indices),
+            residual.index_select(0, logits_indices),
+            self.norm,
+            self.config.rms_norm_eps,
+            self.fused_ops,
+        )
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(h, head).float()  # [N, vocab]

@@ -36,10 +36,12 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attend: AttentionBackend | None = None,
+    fused_ops: bool | None = None,
 ) -> LlamaModel:
-    """Parse `folder/config.json`, build the model on `device` and load its weights."""
+    """Parse `folder/config.json`, build the model on `device` and load its weights.
+    `attend` and `fused_ops` as in `LlamaModel` (None: the best for `device`)."""
     config = load_model_config(Path(folder))
-    model = LlamaModel(config, dtype=dtype, device=device, attend=attend)
+    model = LlamaModel(config, dtype=dtype, device=device, attend=attend, fused_ops=fused_ops)
     load_weights(model, Path(folder))
     return model.eval()
 
