@@ -4,6 +4,12 @@ gRPC handlers talk to it only through `submit`, `abort` and `forget_adapter`, wh
 post to an inbox read between steps; so a cancel takes effect within one step and
 the loop's state is changed by one thread only. Reports (GetEngineInfo, metrics) read
 counters of the scheduler from other threads; such reads may be a step stale.
+
+A step is launched before the previous step's tokens are turned into text: on CUDA the
+detokenizing and streaming run while the device computes. EOS and token limits are
+checked as soon as a step's tokens arrive, so a finished request never takes another
+step; a stop string is found with the text, so its request may compute one token more
+(never streamed).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from engine.output_processor import RequestStream
 from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.runner import ModelRunner
 from engine.sampling import make_generator
-from engine.scheduler import Scheduler, Sequence
+from engine.scheduler import ScheduledBatch, Scheduler, Sequence
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,7 @@ class Engine:
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
+        self._unstreamed: list[str] = []  # requests with accepted tokens not yet streamed
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         # Set (under the lock) once the loop has ended: later submissions fail at once
         # instead of waiting in an inbox nobody reads.
@@ -129,36 +136,67 @@ class Engine:
             self._release_adapter(request.adapter_id)
 
     def _step(self) -> bool:
-        """One iteration: inbox, schedule, copy adapters, run, stream. False = stop."""
-        if not self._drain(block=not self.scheduler.has_work()):
+        """One iteration: inbox, schedule, copy adapters, launch the step, stream the
+        previous step's text while the device runs it, collect its tokens. False = stop."""
+        if not self._drain(block=not self.scheduler.has_work() and not self._unstreamed):
             return False
         batch = self.scheduler.schedule()
         self.metrics.batch_scheduled(batch)
         # Copies are issued before the forward; no sequence of this batch reads the
         # slots they fill, so on CUDA they run beside it.
-        if self._load_slots(batch.slot_loads) or not batch.seqs:
-            return True  # failed loads ended their requests; reschedule the rest
-        live = [self._live[s.request_id] for s in batch.seqs]
+        failed_loads = self._load_slots(batch.slot_loads)
+        pending = None
         step_start = time.perf_counter()
+        if batch.seqs and not failed_loads:  # failed loads ended requests: reschedule
+            live = [self._live[s.request_id] for s in batch.seqs]
+            try:
+                pending = self.runner.launch(
+                    batch,
+                    [entry.stream.request.params for entry in live],
+                    [entry.generator for entry in live],
+                )
+            except Exception:  # a bug: fail this batch, keep serving
+                self._fail_step(batch)
+        self._stream_text()  # overlaps the launched step on CUDA
+        if pending is None:
+            return True
         try:
-            sampled = self.runner.execute(
-                batch,
-                [entry.stream.request.params for entry in live],
-                [entry.generator for entry in live],
-            )
-        except Exception:  # a bug or a device fault: fail this batch, keep serving
-            log.exception("model step failed; failing the %d requests in it", len(live))
-            for item in batch.seqs:
-                self._end(item.request_id, FinishReason.ERROR, "the model step failed")
+            sampled = pending.result()
+        except Exception:  # a device fault surfaces here: fail this batch, keep serving
+            self._fail_step(batch)
             return True
         self.steps += 1
         self.metrics.step_done(batch, time.perf_counter() - step_start)
         self.scheduler.on_step_done(batch, sampled)
         for request_id, token in sampled.items():
-            reason = self._live[request_id].stream.on_token(token)
+            entry = self._live.get(request_id)
+            if entry is None:  # ended while the step ran (stop string, cancel)
+                continue
+            self._unstreamed.append(request_id)
+            if entry.stream.accept(token) is not None:
+                # Done: its blocks and slot go back before the next schedule; its final
+                # text goes out with the next `_stream_text`.
+                self.scheduler.finish(request_id)
+        if not self.scheduler.has_work():
+            self._stream_text()
+        return True
+
+    def _fail_step(self, batch: ScheduledBatch) -> None:
+        log.exception("model step failed; failing the %d requests in it", len(batch.seqs))
+        for item in batch.seqs:
+            if item.request_id in self._live:
+                self._end(item.request_id, FinishReason.ERROR, "the model step failed")
+
+    def _stream_text(self) -> None:
+        """Turns the tokens accepted so far into streamed text; ends finished requests."""
+        request_ids, self._unstreamed = self._unstreamed, []
+        for request_id in request_ids:
+            entry = self._live.get(request_id)
+            if entry is None:
+                continue
+            reason = entry.stream.stream_text()
             if reason is not None:
                 self._end(request_id, reason)
-        return True
 
     def _drain(self, block: bool) -> bool:
         """Applies inbox messages; returns False when asked to stop."""

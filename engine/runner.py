@@ -4,11 +4,14 @@ The scheduler hands over plain data (`ScheduledBatch`); this module is where it 
 the device: one flat token batch, attention metadata, per-token adapter slots. On CUDA
 a decode-only step replays a captured graph when one fits (`engine.cuda_graphs`);
 every other step (prefill, mixed, CPU, or too large) runs the model eagerly.
+`launch` only queues the step, so the engine loop streams the previous step's text
+while the GPU computes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +21,23 @@ from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.llama import LlamaModel
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, sample_tokens
 from engine.scheduler import ScheduledBatch
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """A launched step: its sampled tokens land in `tokens` (host memory) once `done`."""
+
+    request_ids: list[str]  # the rows that sampled, in order
+    tokens: torch.Tensor  # [len(request_ids)] long, on the host
+    done: torch.cuda.Event | None  # None: already complete (CPU)
+
+    def result(self) -> dict[str, int]:
+        """Waits for the step (releasing the GIL meanwhile); request id -> token."""
+        if self.done is not None:
+            self.done.synchronize()
+        return dict(zip(self.request_ids, self.tokens.tolist(), strict=True))
 
 
 class ModelRunner:
@@ -51,20 +69,37 @@ class ModelRunner:
         generators: Sequence[torch.Generator],
     ) -> dict[str, int]:
         """Runs one step; returns the sampled token of each sequence that needed one."""
+        return self.launch(batch, params, generators).result()
+
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+    ) -> PendingStep:
+        """Queues one step on the device and returns at once (on CUDA): the caller does
+        host work while the GPU computes, then collects the tokens with `result()`."""
         logits = None
         if self.decode_graphs is not None:
             logits = self.decode_graphs.run(batch.seqs)
         if logits is None:
             logits = self._forward(batch)  # [num_sampled, vocab] float32
         sampled_rows = [i for i, s in enumerate(batch.seqs) if s.needs_logits]
+        request_ids = [batch.seqs[i].request_id for i in sampled_rows]
         if not sampled_rows:
-            return {}
-        tokens = sample(
+            return PendingStep(request_ids, torch.empty(0, dtype=torch.long), None)
+        tokens = sample_tokens(
             logits,
             [params[i] for i in sampled_rows],
             [generators[i] for i in sampled_rows],
-        )
-        return {batch.seqs[i].request_id: t for i, t in zip(sampled_rows, tokens, strict=True)}
+        )  # [num_sampled] long on the device
+        if tokens.device.type != "cuda":
+            return PendingStep(request_ids, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingStep(request_ids, host, done)
 
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """The eager forward: logits `[num_sampled, vocab]` float32 of the rows that sample."""

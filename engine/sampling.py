@@ -100,7 +100,17 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """Next token id of every row of `logits` ([N, vocab], any float dtype).
+    """Next token id of every row of `logits`, as host ints (see `sample_tokens`)."""
+    return sample_tokens(logits, params, generators).tolist()
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Next token id of every row of `logits` ([N, vocab], any float dtype) as an `[N]`
+    long tensor on logits' device; launches only, no host synchronisation for greedy rows.
 
     Greedy rows (temperature ~0 or top_k 1) take the argmax (first index on ties), draw
     no random number and so leave their generator untouched. Other rows:
@@ -112,8 +122,10 @@ def sample(
         raise ValueError(
             f"{logits.shape[0]} logits rows, {len(params)} params, {len(generators)} generators"
         )
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
+    if len(greedy) == len(params):
+        return logits.argmax(dim=-1)  # the common case: one launch, no index copies
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if greedy:
         rows = torch.tensor(greedy, device=logits.device)
         tokens[rows] = logits[rows].argmax(dim=-1)
@@ -126,7 +138,7 @@ def sample(
             rows = torch.tensor(indices, device=logits.device)
             uniforms = _uniforms([generators[i] for i in indices], logits.device)
             tokens[rows] = draw(logits[rows].float(), [params[i] for i in indices], uniforms)
-    return tokens.tolist()
+    return tokens
 
 
 def _filters(p: SamplingParams) -> bool:

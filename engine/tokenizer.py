@@ -45,6 +45,8 @@ class Tokenizer:
         except (OSError, ValueError) as exc:
             raise ModelFormatError(f"cannot load the tokenizer from {folder}: {exc}") from exc
         self.vocab_size: int = len(self.hf_tokenizer)
+        # The Rust tokenizer behind a fast (tokenizers-backed) one; None for slow ones.
+        self._rust_tokenizer: Any = getattr(self.hf_tokenizer, "_tokenizer", None)
         self.eos_token_ids: frozenset[int] = frozenset(
             _tokenizer_eos_ids(self.hf_tokenizer) | _generation_config_eos_ids(folder)
         )
@@ -97,6 +99,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. No clean-up of tokenization spaces: decoding must be exactly
         incremental (decode(a + b) starts with decode(a) at character boundaries)."""
+        if self._rust_tokenizer is not None:
+            # The same call transformers makes underneath, without its per-call overhead:
+            # the engine loop decodes twice per generated token.
+            return self._rust_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf_tokenizer.decode(
             list(ids),
             skip_special_tokens=skip_special_tokens,

@@ -3,7 +3,8 @@
 The walk of one request: the key names a tenant (checked locally, no database); the
 adapter name resolves to a loaded adapter of that tenant; the prompt and sampling
 values are validated and tokenized; the engine loop streams `RequestOutput`s back
-through an asyncio queue. A client that goes away aborts its request at once.
+through `engine.server.streams` (one wake-up per engine step, however many streams).
+A client that goes away aborts its request at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from engine.lora.registry import AdapterRegistry
 from engine.metrics import EngineMetrics
 from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
+from engine.server.streams import OutputMailbox, OutputStream, merge
 from engine.server.validation import InvalidRequest, RequestLimits, to_engine_request
 from engine.tokenizer import Tokenizer
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
@@ -44,6 +46,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         max_waiting: int = 1024,
     ) -> None:
         self._max_waiting = max_waiting
+        self._mailbox: OutputMailbox | None = None  # bound to the asyncio loop on first use
         self._admitting = 0  # calls past the queue check, not yet submitted
         self._engine = engine
         self._tokenizer = tokenizer
@@ -73,20 +76,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._admitting += 1
         try:
             engine_request, request_id = await self._prepare(request, tenant, context)
-            loop = asyncio.get_running_loop()
-            outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-            self._engine.submit(
-                engine_request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
-            )
+            if self._mailbox is None:
+                self._mailbox = OutputMailbox(asyncio.get_running_loop())
+            outputs = OutputStream()
+            self._engine.submit(engine_request, self._mailbox.sender(outputs))
         finally:
             self._admitting -= 1
         finished = False
         try:
             while not finished:
-                out = await outputs.get()
-                finished = out.finish_reason is not None
-                timer.on_output(out)
-                yield self._response(out, request_id, engine_request.adapter_id)
+                batch = await outputs.next_batch()
+                for out in batch:
+                    timer.on_output(out)
+                finished = batch[-1].finish_reason is not None
+                # A stream that fell behind catches up in one message, not one per token.
+                yield self._response(merge(batch), request_id, engine_request.adapter_id)
         finally:
             if not finished:  # the client cancelled or disconnected
                 self._engine.abort(engine_request.request_id)

@@ -86,16 +86,16 @@ def test_a_failed_step_ends_its_requests_with_a_sentence_and_serving_goes_on(
 ):
     with running_engine(config_for(tiny_llama31_path)) as running:
         runner = running.parts.engine.runner
-        real_execute = runner.execute
+        real_launch = runner.launch
         calls = {"n": 0}
 
         def fails_once(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("device fault")
-            return real_execute(*args, **kwargs)
+            return real_launch(*args, **kwargs)
 
-        monkeypatch.setattr(runner, "execute", fails_once)
+        monkeypatch.setattr(runner, "launch", fails_once)
         responses = list(running.inference.Generate(ids_request([5, 6, 7], 10)))
         assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_ERROR
         assert responses[-1].error == "the model step failed"
