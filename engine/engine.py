@@ -140,13 +140,14 @@ class Engine:
         previous step's text while the device runs it, collect its tokens. False = stop."""
         if not self._drain(block=not self.scheduler.has_work() and not self._unstreamed):
             return False
+        stamps = [time.perf_counter()]  # phase boundaries, for metrics.step_phases
         batch = self.scheduler.schedule()
         self.metrics.batch_scheduled(batch)
         # Copies are issued before the forward; no sequence of this batch reads the
         # slots they fill, so on CUDA they run beside it.
         failed_loads = self._load_slots(batch.slot_loads)
         pending = None
-        step_start = time.perf_counter()
+        stamps.append(time.perf_counter())
         if batch.seqs and not failed_loads:  # failed loads ended requests: reschedule
             live = [self._live[s.request_id] for s in batch.seqs]
             try:
@@ -157,16 +158,19 @@ class Engine:
                 )
             except Exception:  # a bug: fail this batch, keep serving
                 self._fail_step(batch)
+        stamps.append(time.perf_counter())
         self._stream_text()  # overlaps the launched step on CUDA
         if pending is None:
             return True
+        stamps.append(time.perf_counter())
         try:
             sampled = pending.result()
         except Exception:  # a device fault surfaces here: fail this batch, keep serving
             self._fail_step(batch)
             return True
+        stamps.append(time.perf_counter())
         self.steps += 1
-        self.metrics.step_done(batch, time.perf_counter() - step_start)
+        self.metrics.step_done(batch, stamps[-1] - stamps[1])
         self.scheduler.on_step_done(batch, sampled)
         for request_id, token in sampled.items():
             entry = self._live.get(request_id)
@@ -177,6 +181,8 @@ class Engine:
                 # Done: its blocks and slot go back before the next schedule; its final
                 # text goes out with the next `_stream_text`.
                 self.scheduler.finish(request_id)
+        stamps.append(time.perf_counter())
+        self.metrics.step_phases(stamps)
         if not self.scheduler.has_work():
             self._stream_text()
         return True

@@ -34,6 +34,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+STEP_PHASES = ("schedule", "launch", "stream", "wait", "collect")
 _SEQS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -95,6 +97,15 @@ class EngineMetrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        self.step_phase = Histogram(
+            p + "step_phase_seconds",
+            "Engine loop time per step by phase: schedule (pick the batch), launch (build "
+            "inputs, queue the step), stream (text of the previous step, overlapping the "
+            "device), wait (for the device after that), collect (finish checks)",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
+            registry=r,
+        )
         self.batch_seqs = Histogram(
             p + "batch_size_seqs", "Sequences in one model step", buckets=_SEQS_BUCKETS, registry=r
         )
@@ -116,6 +127,7 @@ class EngineMetrics:
         self._step_by_kind = {
             k: self.step_duration.labels(k) for k in ("prefill", "decode", "mixed")
         }
+        self._phases = {k: self.step_phase.labels(k) for k in STEP_PHASES}
         self._watching = False
 
     def watch(self, scheduler: Scheduler, adapters: AdapterRegistry) -> None:
@@ -155,6 +167,11 @@ class EngineMetrics:
         self._step_by_kind[kind].observe(seconds)
         self.batch_seqs.observe(num_seqs)
         self.batch_tokens.observe(num_tokens)
+
+    def step_phases(self, stamps: list[float]) -> None:
+        """`stamps`: perf_counter at the start of each of STEP_PHASES and at the end."""
+        for phase, start, end in zip(STEP_PHASES, stamps, stamps[1:], strict=False):
+            self._phases[phase].observe(end - start)
 
     # -- servicer hooks ------------------------------------------------------------
     def request_refused(self, code: grpc.StatusCode) -> None:
