@@ -164,10 +164,13 @@ def test_bf16_replay_close_to_eager(gpu_setup) -> None:
 
 def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None:
     """The whole engine: 13 concurrent streams over five adapters and base rows give
-    the same tokens with CUDA graphs as with --no-cuda-graphs; one KV block is reserved."""
+    the same tokens with CUDA graphs as with --no-cuda-graphs, and as transformers + peft
+    (float32); a small token budget makes long prompts prefill in chunks beside other
+    streams' decode tokens (mixed steps); one KV block is reserved for graph padding."""
     from engine.config import EngineConfig
     from loraplex.v1 import inference_pb2
     from tests.engine_server import running_engine
+    from tests.hf_reference import hf_greedy, hf_model
 
     base, adapter_dirs, root = gpu_setup
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -191,6 +194,7 @@ def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None
             port=0,
             gpu_memory_fraction=0.02,
             max_num_seqs=16,
+            max_num_batched_tokens=48,
             max_loras=8,
             max_lora_rank=MAX_RANK,
             adapter_dir=adapter_root,
@@ -225,3 +229,7 @@ def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None
             results[graphs] = out
     assert all(len(t) == 12 for t in results[True].values())
     assert results[True] == results[False]
+    adapter_of = {f"ad{i}": folder for i, folder in enumerate(adapter_dirs[:5])}
+    for i, (adapter, prompt) in enumerate(jobs):
+        reference = hf_model(base, adapter_of.get(adapter)).cuda()
+        assert results[True][i] == hf_greedy(reference, prompt, 12), f"stream {i} ({adapter!r})"

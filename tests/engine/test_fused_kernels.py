@@ -125,3 +125,37 @@ def test_model_with_fused_ops_equals_torch_model(kind: str, request: pytest.Fixt
         plain, with_fused = (driver.step(chunks) for driver in drivers)
         torch.testing.assert_close(with_fused, plain, rtol=1e-4, atol=1e-4)
         assert with_fused.argmax(-1).tolist() == plain.argmax(-1).tolist()
+
+
+@pytest.mark.gpu
+def test_fused_kernels_in_bf16_at_llama_8b_shapes() -> None:
+    """bf16 on CUDA at Llama-3.1-8B widths: each kernel within a bf16 ulp or two of the
+    torch code it replaces (which rounds more often)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t, hidden, inter, heads, kv_heads, dim = 96, 4096, 14336, 32, 8, 128
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+    x, residual, weight = randn(t, hidden), randn(t, hidden), randn(hidden)
+    res = residual.clone()
+    normed = fused.add_rms_norm(x, res, weight, 1e-5)
+    assert torch.equal(res, x + residual)
+    torch.testing.assert_close(normed, rms_norm(x + residual, weight, 1e-5), rtol=2e-2, atol=2e-2)
+
+    gate_up = randn(t, 2 * inter)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-2, atol=1e-2)
+
+    config = _config(dim)
+    rope = RotaryEmbedding(
+        ModelConfig(**{**config.__dict__, "max_position_embeddings": 8192}), "cuda"
+    )
+    qkv = randn(t, (heads + 2 * kv_heads) * dim)
+    positions = torch.randint(0, 8192, (t,), generator=gen, device="cuda")
+    q, k, _ = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+    q, k = q.view(t, heads, dim), k.view(t, kv_heads, dim)
+    q_ref, k_ref = rope(q.clone(), k.clone(), positions)
+    rope(q, k, positions, in_place=True)
+    torch.testing.assert_close(q, q_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(k, k_ref, rtol=2e-2, atol=2e-2)
