@@ -5,9 +5,9 @@ A backend `attend(q, k, v, kv_layer, meta, scale) -> out` first stores the new k
 sequence's cached context (see `AttentionMetadata`).
 
 `select_backend` is the only place that chooses: on CUDA with Triton installed, the
-Triton paged-decode kernel for decode tokens plus SDPA for prefill chunks
-(`triton_backend.attend_triton`); everywhere else the torch reference. A flash-attn
-backend would plug in here the same way.
+Triton varlen flash-attention kernel for steps with prefill chunks and the Triton
+paged-decode kernel for decode-only steps (`triton_backend.attend_triton`); everywhere
+else (the CPU, or CUDA without Triton) the torch reference.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class AttentionBackend(Protocol):
 
 
 def select_backend(device: torch.device | str) -> AttentionBackend:
-    """The best backend available for `device`: Triton decode on CUDA, else the reference."""
+    """The best backend available for `device`: the Triton kernels on CUDA, else the reference."""
     if torch.device(device).type == "cuda" and triton_available():
         # Imported here: a CPU engine never compiles (or even imports) Triton kernels.
         from engine.attention.triton_backend import attend_triton

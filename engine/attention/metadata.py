@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -21,7 +23,8 @@ class AttentionMetadata:
     """One step's attention layout; build it with `AttentionMetadata.build`.
 
     Python-int fields drive host-side loops without device syncs; tensor fields live on
-    the model's device and are computed once per step, not per layer.
+    the model's device and are computed once per step, not per layer. The `decode_*`
+    properties serve only the torch reference and are made on first use.
     """
 
     block_size: int
@@ -36,10 +39,6 @@ class AttentionMetadata:
     block_tables: Tensor  # [num_seqs, max_blocks] int32, padded with 0
     context_lens_tensor: Tensor  # [num_seqs] int32
     query_start_loc_tensor: Tensor  # [num_seqs + 1] int32 (flash-attn cu_seqlens_q)
-    decode_token_index: Tensor  # [num_decode] long: flat index of each decode token
-    decode_block_tables: Tensor  # [num_decode, num_decode_blocks] long
-    decode_key_mask: Tensor  # [num_decode, 1, 1, num_decode_blocks*block_size] bool
-    decode_context_lens: Tensor  # [num_decode] int32
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +50,33 @@ class AttentionMetadata:
 
     def query_len(self, seq: int) -> int:
         return self.query_start_loc[seq + 1] - self.query_start_loc[seq]
+
+    @cached_property
+    def _decode_seq_index(self) -> Tensor:  # [num_decode] long
+        return torch.tensor(self.decode_seqs, dtype=torch.long).to(self.slot_mapping.device)
+
+    @cached_property
+    def decode_token_index(self) -> Tensor:  # [num_decode] long: flat index of the token
+        return self.query_start_loc_tensor.index_select(0, self._decode_seq_index).long()
+
+    @cached_property
+    def decode_context_lens(self) -> Tensor:  # [num_decode] int32
+        return self.context_lens_tensor.index_select(0, self._decode_seq_index)
+
+    @cached_property
+    def decode_block_tables(self) -> Tensor:  # [num_decode, num_decode_blocks] long
+        # Only as many blocks as the longest decode context needs, not max_blocks.
+        longest = max((self.context_lens[s] for s in self.decode_seqs), default=0)
+        width = -(-longest // self.block_size)
+        rows = self.block_tables.index_select(0, self._decode_seq_index)
+        return rows[:, :width].long()
+
+    @cached_property
+    def decode_key_mask(self) -> Tensor:  # [num_decode, 1, 1, num_decode_blocks*bs] bool
+        num_decode, width = self.decode_block_tables.shape
+        keys = torch.arange(width * self.block_size, device=self.slot_mapping.device)
+        mask = keys[None, :] < self.decode_context_lens[:, None]
+        return mask.view(num_decode, 1, 1, -1)
 
     @classmethod
     def build(
@@ -67,6 +93,9 @@ class AttentionMetadata:
         counts its cached tokens after the step (prefix + new); `block_tables[s]` lists
         its blocks in order and must cover `context_lens[s]` tokens. Raises ValueError if
         the three lists disagree.
+
+        Costs a few CPU tensor ops (no Python loop over tokens) and two host->device
+        copies, asynchronous from pinned memory on CUDA.
         """
         num_seqs = len(query_lens)
         if len(context_lens) != num_seqs or len(block_tables) != num_seqs:
@@ -75,52 +104,54 @@ class AttentionMetadata:
             )
         if num_seqs == 0:
             raise ValueError("a batch needs at least one sequence")
-        query_start_loc = [0]
-        slots: list[int] = []
-        positions: list[int] = []
-        for q_len, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
-            if not 1 <= q_len <= ctx:
-                raise ValueError(f"need 1 <= query_len <= context_len, got {q_len} and {ctx}")
-            if len(table) * block_size < ctx:
-                raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
-            for pos in range(ctx - q_len, ctx):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            query_start_loc.append(query_start_loc[-1] + q_len)
+        q_lens = torch.tensor(query_lens, dtype=torch.long)
+        ctx = torch.tensor(context_lens, dtype=torch.long)
+        table_lens = torch.tensor([len(t) for t in block_tables], dtype=torch.long)
+        _check(q_lens, ctx, table_lens, block_size)
 
-        max_blocks = max(len(t) for t in block_tables)
-        padded = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]
-        decode_seqs = tuple(s for s in range(num_seqs) if query_lens[s] == 1)
-        prefill_seqs = tuple(s for s in range(num_seqs) if query_lens[s] > 1)
-        # Decode gathers only as many blocks as its longest context needs, not max_blocks.
-        decode_ctx = [context_lens[s] for s in decode_seqs]
-        num_decode_blocks = -(-max(decode_ctx) // block_size) if decode_ctx else 0
-        decode_tables = [padded[s][:num_decode_blocks] for s in decode_seqs]
-        key_pos = torch.arange(num_decode_blocks * block_size)
-        decode_mask = key_pos[None, :] < torch.tensor(decode_ctx, dtype=torch.long)[:, None]
+        device = torch.device(device)
+        pin = device.type == "cuda"
+        num_tokens = int(q_lens.sum())
+        max_blocks = int(table_lens.max())
+        # Staging buffers, one per dtype, each copied to the device in one go:
+        # longs = [slot_mapping | positions], ints = [query_start_loc | context_lens | tables].
+        longs = torch.empty(2, num_tokens, dtype=torch.long, pin_memory=pin)
+        num_ints = 2 * num_seqs + 1 + num_seqs * max_blocks
+        ints = torch.zeros(num_ints, dtype=torch.int32, pin_memory=pin)
+        qsl = ints[: num_seqs + 1]
+        qsl[1:] = torch.cumsum(q_lens, 0)
+        ints[num_seqs + 1 : 2 * num_seqs + 1] = ctx
+        tables = ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks)
+        filled = torch.arange(max_blocks)[None, :] < table_lens[:, None]
+        tables[filled] = torch.tensor(list(chain.from_iterable(block_tables)), dtype=torch.int32)
 
-        def on_device(values: object, dtype: torch.dtype) -> Tensor:
-            return torch.as_tensor(values, dtype=dtype).to(device)
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(num_seqs), q_lens, output_size=num_tokens
+        )  # [T] long
+        # Token i of sequence s sits at ctx[s] - q_len[s] + (i - qsl[s]).
+        first_pos = ctx - q_lens - qsl[:-1].long()
+        positions = longs[1]
+        torch.add(torch.arange(num_tokens), first_pos[seq_of_token], out=positions)
+        blocks = tables[seq_of_token, positions // block_size].long()
+        torch.add(blocks * block_size, positions % block_size, out=longs[0])
 
+        host_qsl = qsl.tolist()
+        if device.type != "cpu":
+            longs = longs.to(device, non_blocking=True)
+            ints = ints.to(device, non_blocking=True)
         return cls(
             block_size=block_size,
-            query_start_loc=tuple(query_start_loc),
+            query_start_loc=tuple(host_qsl),
             context_lens=tuple(context_lens),
             max_context_len=max(context_lens),
             max_query_len=max(query_lens),
-            prefill_seqs=prefill_seqs,
-            decode_seqs=decode_seqs,
-            slot_mapping=on_device(slots, torch.long),
-            positions=on_device(positions, torch.long),
-            block_tables=on_device(padded, torch.int32),
-            context_lens_tensor=on_device(list(context_lens), torch.int32),
-            query_start_loc_tensor=on_device(query_start_loc, torch.int32),
-            decode_token_index=on_device([query_start_loc[s] for s in decode_seqs], torch.long),
-            decode_block_tables=on_device(decode_tables, torch.long).view(
-                len(decode_seqs), num_decode_blocks
-            ),
-            decode_key_mask=decode_mask.view(len(decode_seqs), 1, 1, key_pos.numel()).to(device),
-            decode_context_lens=on_device(decode_ctx, torch.int32),
+            prefill_seqs=tuple((q_lens > 1).nonzero().flatten().tolist()),
+            decode_seqs=tuple((q_lens == 1).nonzero().flatten().tolist()),
+            slot_mapping=longs[0],
+            positions=longs[1],
+            block_tables=ints[2 * num_seqs + 1 :].view(num_seqs, max_blocks),
+            context_lens_tensor=ints[num_seqs + 1 : 2 * num_seqs + 1],
+            query_start_loc_tensor=ints[: num_seqs + 1],
         )
 
     @classmethod
@@ -139,8 +170,7 @@ class AttentionMetadata:
         every replay; the host fields hold only what is true of every replay (the
         layout) or a bound (`max_context_len`), and `context_lens` is a placeholder.
         Only backends that read decode lengths and tables from device memory may run
-        on it (`engine.attention.backend.supports_decode_graphs`): `decode_key_mask`
-        is empty.
+        on it (`engine.attention.backend.supports_decode_graphs`).
         """
         num_seqs = int(slot_mapping.shape[0])
         device = slot_mapping.device
@@ -157,8 +187,20 @@ class AttentionMetadata:
             block_tables=block_tables,
             context_lens_tensor=context_lens,
             query_start_loc_tensor=torch.arange(num_seqs + 1, dtype=torch.int32, device=device),
-            decode_token_index=torch.arange(num_seqs, dtype=torch.long, device=device),
-            decode_block_tables=block_tables,
-            decode_key_mask=torch.empty(num_seqs, 1, 1, 0, dtype=torch.bool, device=device),
-            decode_context_lens=context_lens,
+        )
+
+
+def _check(q_lens: Tensor, ctx: Tensor, table_lens: Tensor, block_size: int) -> None:
+    """Raise ValueError naming the first sequence whose lengths do not fit."""
+    bad_len = ((q_lens < 1) | (q_lens > ctx)).nonzero()
+    if bad_len.numel():
+        s = int(bad_len[0])
+        raise ValueError(
+            f"need 1 <= query_len <= context_len, got {int(q_lens[s])} and {int(ctx[s])}"
+        )
+    bad_table = (table_lens * block_size < ctx).nonzero()
+    if bad_table.numel():
+        s = int(bad_table[0])
+        raise ValueError(
+            f"block table of {int(table_lens[s])} blocks cannot hold {int(ctx[s])} tokens"
         )

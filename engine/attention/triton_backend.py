@@ -1,20 +1,21 @@
-"""The CUDA attention backend: Triton paged decode, torch/SDPA prefill.
+"""The CUDA attention backend: Triton varlen flash-attention, Triton paged decode.
 
-Decode tokens attend with `paged_decode_attention`, which reads K/V in place from the
-paged cache; prefill chunks go through the torch reference's per-sequence SDPA (its
-FlashAttention kernels). A decode-only batch takes a path without any index copies and
-without host values that change from step to step, which is what lets the runner
-capture it in a CUDA graph (see `AttentionMetadata.for_decode_graph`).
+A step with any prefill chunk runs `varlen_paged_attention` once per layer over the
+whole flat batch (its decode tokens too: they are sequences of one query), reading
+earlier context in place from the paged cache. A decode-only step runs the split-K
+`paged_decode_attention`, which needs no index copies and no host values that change
+from step to step: that is what lets the runner capture it in a CUDA graph (see
+`AttentionMetadata.for_decode_graph`).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from engine.attention.metadata import AttentionMetadata
-from engine.attention.torch_ref import attend_prefill, write_kv
+from engine.attention.torch_ref import write_kv
 from engine.attention.triton_decode import paged_decode_attention
+from engine.attention.triton_prefill import varlen_paged_attention
 
 
 def attend_triton(
@@ -27,16 +28,11 @@ def attend_triton(
         return paged_decode_attention(
             q, kv_layer, meta.block_tables, meta.context_lens_tensor, scale, meta.max_context_len
         )
-    out = torch.empty_like(q)
-    attend_prefill(q, k, v, kv_layer, meta, scale, out)
-    if meta.decode_seqs:
-        decoded = paged_decode_attention(
-            q.index_select(0, meta.decode_token_index),
-            kv_layer,
-            meta.decode_block_tables,
-            meta.decode_context_lens,
-            scale,
-            meta.max_context_len,
-        )  # [num_decode, H, D]
-        out.index_copy_(0, meta.decode_token_index, decoded)
-    return out
+    return varlen_paged_attention(
+        q,
+        kv_layer,
+        meta.block_tables,
+        meta.query_start_loc_tensor,
+        meta.context_lens_tensor,
+        scale,
+    )
