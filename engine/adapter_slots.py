@@ -2,12 +2,18 @@
 
 A slot holds one adapter's A/B weights on the device. Slots with requests in flight
 are pinned; idle slots keep their adapter (a later request reuses it for free) until
-the least recently used idle slot is needed for another adapter.
+the least recently used idle slot is needed for another adapter. A pinned slot is
+never taken from its adapter.
+
+Two ways in: `acquire` pins a slot for a request (loading the adapter first if it is
+not resident), `place` puts an adapter in ahead of its requests without pinning it
+(prefetch), and only into a free slot or one whose idle adapter the caller lets go.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class AdapterSlots:
@@ -49,6 +55,36 @@ class AdapterSlots:
         self._idle.pop(adapter_id, None)
         self._refcount[adapter_id] += 1
         return slot, needs_load
+
+    def pinned(self) -> dict[str, int]:
+        """Adapters with requests in flight, and how many requests each."""
+        return {a: n for a, n in self._refcount.items() if n > 0}
+
+    def num_placeable(self, keep: Callable[[str], bool]) -> int:
+        """How many adapters `place(..., keep)` could put in now: free slots plus idle
+        slots whose adapter keep() does not protect."""
+        return len(self._free_slots) + sum(not keep(a) for a in self._idle)
+
+    def place(self, adapter_id: str, keep: Callable[[str], bool]) -> int | None:
+        """Makes a non-resident adapter resident without pinning it: into a free slot,
+        else into the slot of the least recently used idle adapter that keep() does not
+        protect. Returns the slot the caller must copy the weights into before any
+        request reads it, or None when every slot is pinned or protected."""
+        if adapter_id in self._slot_of:
+            raise ValueError(f"adapter {adapter_id!r} already sits in a slot")
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            victim = next((a for a in self._idle if not keep(a)), None)
+            if victim is None:
+                return None
+            del self._idle[victim]
+            del self._refcount[victim]
+            slot = self._slot_of.pop(victim)
+        self._slot_of[adapter_id] = slot
+        self._refcount[adapter_id] = 0
+        self._idle[adapter_id] = None  # most recently used: the last idle one to go
+        return slot
 
     def release(self, adapter_id: str) -> None:
         self._refcount[adapter_id] -= 1

@@ -1,29 +1,57 @@
 """Iteration-level continuous batching (pure Python, no torch).
 
-Each call to `schedule()` decides what the next model step computes: decode tokens
-of running sequences, the next prompt chunk of sequences still in prefill, and new
-sequences admitted from the waiting queue. Two resources gate admission: KV blocks
-and, for a request with an adapter, a device adapter slot. When blocks run out, the
-most recently admitted sequence is preempted: its blocks are freed and it is later
-recomputed from its tokens (prompt + what it generated), so nothing is lost.
+Each `schedule()` call decides what the next model step computes, in this order:
 
-Fairness: among waiting sequences, those of the tenant with the fewest running
-sequences go first (then arrival order), so one hot tenant cannot starve the others;
-and a sequence waiting for an adapter slot stops further adapter admissions, so the
-busy slots drain and it gets one.
+1. Decode tokens of running sequences (admission order) always come first.
+2. Prompt tokens: the next chunk of running sequences still in prefill (admission
+   order), then new sequences from the waiting queue. They share what is left of
+   `max_num_batched_tokens`, and while the step carries decode tokens at most
+   `max_mixed_prefill_tokens` of them, so an arriving long prompt cannot stall
+   running streams; a step without decodes gives prompts the whole budget.
+3. Admission (skipped in a step that had to preempt), in this order:
+   a. overdue sequences, the longest-waiting first (see "Waiting bound");
+   b. ready sequences, base-model ones and those whose adapter already sits in a
+      slot: the tenant with the fewest running sequences first, then arrival (a
+      preempted sequence keeps its arrival).
+   It stops at the first sequence whose KV blocks do not fit (a long prompt is not
+   overtaken for ever), at `max_num_seqs`, or when the prompt budget is spent. A
+   sequence whose adapter is in no slot is never admitted: step 4 places its adapter
+   and it is ready from the next step on.
+4. Slot fills (prefetch): the adapters in no slot with the most waiting requests go
+   into free slots, then into slots whose idle adapter no waiting request needs
+   (least recently used first); a pinned slot, or an idle one still needed, is never
+   taken. The copies are `ScheduledBatch.slot_loads`; admission is over by then, so
+   no sequence of the batch reads a slot being filled and the copy overlaps compute.
 
-Adapter copies overlap compute: a sequence admitted into a slot that must first be
-filled sits out the step in which the copy is issued (its blocks and slot are held),
-so that step's forward never reads the slot being written and need not wait for it.
+Waiting bound: a sequence that has waited `max_wait_steps` schedule() calls (since
+its arrival or its preemption) is overdue. While the oldest overdue sequence lacks
+KV blocks, a seat in the batch or prompt budget, nothing else is admitted. While it
+lacks a slot, the pinned adapter with the fewest requests in flight is drained (it
+takes no new requests) and the first slot that is free or idle goes to the overdue
+adapter, before any other; the rest is admitted as usual. Running sequences always
+end and nothing joins what it waits for, so it is admitted at most `max_wait_steps`
+calls plus the time the drained adapter's requests (or the running sequences holding
+the blocks it needs) take to finish once it is the oldest overdue sequence.
+
+Preemption: when KV blocks run out for a running sequence, the latest admitted one
+not already in this step's batch is preempted: its blocks and slot are freed and it
+is recomputed later from its tokens (prompt + generated), so nothing is lost.
+
+Host cost: O(running + admitted * log(queues) + ready queues + max_loras) per step;
+a queue holds one tenant's waiting requests for one adapter and only those of the
+base model and resident adapters are read, so the waiting queue is never walked.
+`add`, `finish` and preemption are O(1) (O(log adapters) for the waiting counts).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.adapter_slots import AdapterSlots
 from engine.block_allocator import BlockAllocator, blocks_needed
+from engine.waiting_queue import WaitingQueue
 
 
 @dataclass(frozen=True)
@@ -33,10 +61,18 @@ class SchedulerConfig:
     block_size: int
     num_blocks: int
     max_loras: int
+    # Prompt tokens a step may carry beside decode tokens (see the module docstring).
+    max_mixed_prefill_tokens: int = 512
+    # schedule() calls a request may wait before it goes first in line.
+    max_wait_steps: int = 200
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.max_mixed_prefill_tokens < 1:
+            raise ValueError("max_mixed_prefill_tokens must be at least 1")
+        if self.max_wait_steps < 1:
+            raise ValueError("max_wait_steps must be at least 1")
 
 
 @dataclass(eq=False)
@@ -51,6 +87,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     adapter_slot: int = -1
+    waiting_since: int = 0  # schedule() calls made when it last entered the waiting queue
 
     @property
     def num_tokens(self) -> int:
@@ -84,10 +121,13 @@ class Scheduler:
         self.config = config
         self.blocks = BlockAllocator(config.num_blocks)
         self.slots = AdapterSlots(config.max_loras)
-        self._waiting: list[Sequence] = []
-        self._running: list[Sequence] = []  # admission order: preempt from the end
+        self._waiting = WaitingQueue()
+        self._running: dict[str, Sequence] = {}  # admission order: preempt from the end
         self._by_id: dict[str, Sequence] = {}
         self._arrivals = 0
+        self._steps = 0  # schedule() calls so far: the clock of the waiting bound
+        self._slot_for: str | None = None  # adapter the oldest overdue sequence waits for
+        self._draining: str | None = None  # adapter taking no new requests meanwhile
 
     @property
     def num_waiting(self) -> int:
@@ -98,7 +138,7 @@ class Scheduler:
         return len(self._running)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting) or bool(self._running)
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
@@ -107,39 +147,44 @@ class Scheduler:
         self._arrivals += 1
         seq.arrival = self._arrivals
         self._by_id[seq.request_id] = seq
-        self._waiting.append(seq)
+        self._enqueue(seq)
 
     def finish(self, request_id: str) -> None:
         """Drops a finished, failed or cancelled sequence and frees its blocks and slot."""
         seq = self._by_id.pop(request_id, None)
         if seq is None:
             return
-        if seq in self._running:
-            self._running.remove(seq)
-        elif seq in self._waiting:
+        if request_id in self._running:
+            del self._running[request_id]
+        elif request_id in self._waiting:
             self._waiting.remove(seq)
         # Also for a sequence caught between the queues by an error mid-schedule.
         self._release(seq)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        self._steps += 1
+        batch: list[ScheduledSeq] = []
+        in_batch: set[str] = set()  # request ids of `batch`: never preempted this step
         preempted: list[str] = []
-        slot_loads: list[tuple[int, str]] = []
+        running = list(self._running.values())
 
-        index = 0
-        while index < len(self._running) and budget > 0:
-            seq = self._running[index]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve_blocks(seq, n, preempted):
-                break  # seq itself was the last admitted and got preempted
-            scheduled.append(self._describe(seq, n))
-            budget -= n
-            index += 1
+        for seq in running:
+            if seq.num_tokens - seq.num_computed_tokens == 1:
+                self._schedule_running(seq, 1, batch, in_batch, preempted)
+        budget = self.config.max_num_batched_tokens - len(batch)
+        if batch:
+            budget = min(budget, self.config.max_mixed_prefill_tokens)
+        for seq in running:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1 and budget > 0:
+                n = min(remaining, budget)
+                if self._schedule_running(seq, n, batch, in_batch, preempted):
+                    budget -= n
 
         if not preempted:
-            budget = self._admit(budget, scheduled, slot_loads)
-        return ScheduledBatch(tuple(scheduled), tuple(slot_loads), tuple(preempted))
+            self._admit(budget, batch)
+        slot_loads = self._fill_slots()
+        return ScheduledBatch(tuple(batch), tuple(slot_loads), tuple(preempted))
 
     def on_step_done(self, batch: ScheduledBatch, sampled: dict[str, int]) -> None:
         """Records what the step computed and the tokens it sampled."""
@@ -152,52 +197,137 @@ class Scheduler:
             if token is not None:
                 seq.token_ids.append(token)
 
-    def _admit(
-        self, budget: int, scheduled: list[ScheduledSeq], slot_loads: list[tuple[int, str]]
-    ) -> int:
-        running_per_tenant = Counter(s.tenant for s in self._running)
-        skipped: set[int] = set()  # waiting sequences whose adapter has no slot this step
-        loading = {slot for slot, _ in slot_loads}
-        # Once a sequence waits for a slot, no further adapter sequence is admitted this
-        # step: pinning the busy slots again would let them stay busy for ever.
-        slot_starved = False
-        while budget > 0 and len(self._running) < self.config.max_num_seqs:
-            candidates = [
-                s
-                for s in self._waiting
-                if id(s) not in skipped and not (slot_starved and s.adapter_id is not None)
-            ]
-            if not candidates:
-                break
-            seq = min(candidates, key=lambda s: (running_per_tenant[s.tenant], s.arrival))
-            if seq.adapter_id is not None and not self.slots.can_acquire(seq.adapter_id):
-                skipped.add(id(seq))
-                slot_starved = True
-                continue
-            n = min(seq.num_tokens, budget)
-            if not self.blocks.can_allocate(blocks_needed(n, self.config.block_size)):
-                break
-            self._waiting.remove(seq)
-            seq.block_table = self.blocks.allocate(blocks_needed(n, self.config.block_size))
-            if seq.adapter_id is not None:
-                seq.adapter_slot, needs_load = self.slots.acquire(seq.adapter_id)
-                if needs_load:
-                    slot_loads.append((seq.adapter_slot, seq.adapter_id))
-                    loading.add(seq.adapter_slot)
-            self._running.append(seq)
-            running_per_tenant[seq.tenant] += 1
-            if seq.adapter_slot in loading:
-                continue  # runs from the next step, once its slot is filled
-            scheduled.append(self._describe(seq, n))
-            budget -= n
-        return budget
+    def _schedule_running(
+        self,
+        seq: Sequence,
+        n: int,
+        batch: list[ScheduledSeq],
+        in_batch: set[str],
+        preempted: list[str],
+    ) -> bool:
+        """Adds n tokens of a running seq to the batch if its blocks can be had."""
+        if seq.request_id not in self._running:
+            return False  # preempted earlier in this step
+        if not self._reserve_blocks(seq, n, in_batch, preempted):
+            return False
+        batch.append(self._describe(seq, n))
+        in_batch.add(seq.request_id)
+        return True
 
-    def _reserve_blocks(self, seq: Sequence, n: int, preempted: list[str]) -> bool:
-        """Makes room for n more tokens of seq, preempting the latest admitted if needed."""
+    def _admit(self, budget: int, batch: list[ScheduledSeq]) -> None:
+        """Admits waiting sequences in the module docstring's order."""
+        running_per_tenant = Counter(s.tenant for s in self._running.values())
+        self._slot_for = None
+        while (seq := self._waiting.oldest()) is not None and self._is_overdue(seq):
+            if not self._is_ready(seq.adapter_id):
+                self._slot_for = seq.adapter_id
+                break
+            n = self._try_admit(seq, budget, batch)
+            if n == 0:
+                self._draining = None
+                return  # it waits for blocks or room: nobody overtakes it
+            budget -= n
+            running_per_tenant[seq.tenant] += 1
+        if self._slot_for is None:
+            self._draining = None
+        elif self._draining not in self.slots.pinned() and not self._num_placeable():
+            pinned = self.slots.pinned()  # every slot is: drain the one that ends first
+            self._draining = min(
+                pinned, key=lambda a: (pinned[a], self._waiting.num_waiting_for(a)), default=None
+            )
+
+        ready: list[str | None] = [None]
+        ready += [a for a in self.slots.resident() if a != self._draining and self._is_ready(a)]
+        # Heap of each ready queue's head by (running of its tenant, arrival). Tenant
+        # counts only grow while admitting, so a stale key is fixed when it surfaces.
+        heap = [
+            (running_per_tenant[head.tenant], head.arrival, head)
+            for adapter_id in ready
+            for head in self._waiting.heads_for(adapter_id)
+        ]
+        heapq.heapify(heap)
+        while heap:
+            key, arrival, seq = heapq.heappop(heap)
+            if key != running_per_tenant[seq.tenant]:
+                heapq.heappush(heap, (running_per_tenant[seq.tenant], arrival, seq))
+                continue
+            n = self._try_admit(seq, budget, batch)
+            if n == 0:
+                break
+            budget -= n
+            running_per_tenant[seq.tenant] += 1
+            after = self._waiting.head(seq.adapter_id, seq.tenant)
+            if after is not None:
+                heapq.heappush(heap, (running_per_tenant[after.tenant], after.arrival, after))
+
+    def _try_admit(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
+        """Admits a ready waiting seq with its first chunk; returns the chunk's tokens,
+        0 when the budget, the batch size or the KV blocks do not allow it."""
+        if budget <= 0 or len(self._running) >= self.config.max_num_seqs:
+            return 0
+        n = min(seq.num_tokens, budget)
+        need = blocks_needed(n, self.config.block_size)
+        if not self.blocks.can_allocate(need):
+            return 0
+        self._waiting.remove(seq)
+        seq.block_table = self.blocks.allocate(need)
+        if seq.adapter_id is not None:
+            seq.adapter_slot, needs_load = self.slots.acquire(seq.adapter_id)
+            assert not needs_load, "only sequences whose adapter is resident are admitted"
+        self._running[seq.request_id] = seq
+        batch.append(self._describe(seq, n))
+        return n
+
+    def _fill_slots(self) -> list[tuple[int, str]]:
+        """Places adapters that waiting requests need into slots (step 4 of the order),
+        the oldest overdue sequence's adapter first."""
+        loads: list[tuple[int, str]] = []
+
+        def wanted(adapter_id: str) -> bool:
+            return self._waiting.num_waiting_for(adapter_id) > 0
+
+        overdue = self._slot_for
+        if overdue is not None and wanted(overdue) and self.slots.slot_of(overdue) is None:
+            slot = self.slots.place(overdue, keep=lambda a: wanted(a) and a != self._draining)
+            if slot is None:  # the overdue one outranks whoever else wants an idle slot
+                slot = self.slots.place(overdue, keep=lambda _: False)
+            if slot is not None:
+                loads.append((slot, overdue))
+        limit = self.slots.num_placeable(wanted)
+        if limit:
+            resident = self.slots.slot_of
+            for adapter_id in self._waiting.most_wanted(limit, lambda a: resident(a) is not None):
+                slot = self.slots.place(adapter_id, keep=wanted)
+                assert slot is not None, "num_placeable counted this slot"
+                loads.append((slot, adapter_id))
+        return loads
+
+    def _num_placeable(self) -> int:
+        return self.slots.num_placeable(keep=lambda _: False)
+
+    def _is_overdue(self, seq: Sequence) -> bool:
+        return self._steps - seq.waiting_since >= self.config.max_wait_steps
+
+    def _is_ready(self, adapter_id: str | None) -> bool:
+        """Base model, or an adapter already in a slot that takes new requests."""
+        if adapter_id is None:
+            return True
+        return self.slots.slot_of(adapter_id) is not None and self.slots.can_acquire(adapter_id)
+
+    def _reserve_blocks(
+        self, seq: Sequence, n: int, in_batch: set[str], preempted: list[str]
+    ) -> bool:
+        """Makes room for n more tokens of seq, preempting the latest admitted sequence
+        not in this step's batch (seq itself, at worst) while blocks are short."""
         need = blocks_needed(seq.num_computed_tokens + n, self.config.block_size)
-        need = max(0, need - len(seq.block_table))  # admission may have reserved them
+        need -= len(seq.block_table)  # admission may have reserved them
+        if need <= 0:
+            return True  # the common decode step: the last block has room
         while not self.blocks.can_allocate(need):
-            victim = self._running.pop()
+            victim = next(
+                s for s in reversed(self._running.values()) if s.request_id not in in_batch
+            )
+            del self._running[victim.request_id]
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is seq:
@@ -205,10 +335,14 @@ class Scheduler:
         seq.block_table.extend(self.blocks.allocate(need))
         return True
 
+    def _enqueue(self, seq: Sequence, front: bool = False) -> None:
+        seq.waiting_since = self._steps
+        self._waiting.add(seq, front)
+
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         seq.num_computed_tokens = 0
-        self._waiting.append(seq)
+        self._enqueue(seq, front=True)  # it arrived before what waits behind it
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
