@@ -22,12 +22,21 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's own limit, capped by the KV cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    # Prompt tokens a step may carry while other sequences decode: bounds the time
+    # between tokens of running streams when new requests arrive.
+    max_mixed_prefill_tokens: int = 512
+    max_wait_steps: int = 200  # steps a request may wait before it goes first in line
     max_num_waiting: int = 1024  # beyond this Generate answers RESOURCE_EXHAUSTED
     default_max_new_tokens: int = 256
-    max_loras: int = 8
+    # Adapter slots on the device; 0 = auto (sized from free device memory, 8 on the CPU:
+    # engine.server.app._num_lora_slots).
+    max_loras: int = 0
     max_lora_rank: int = 64
-    max_cpu_loras: int = 64
+    max_cpu_loras: int = 64  # idle adapters kept in host memory (adapters in use always are)
     adapter_dir: Path | None = None  # preloaded: every folder under it, folder name = id
+    adapter_preload_threads: int = 4  # the --adapter-dir preload runs in the background
+    # How long a Generate waits for an adapter still being preloaded, then UNAVAILABLE.
+    adapter_wait_s: float = 30.0
     adapter_roots: tuple[Path, ...] = ()  # LoadAdapter may read only under these
     lora_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
     # Decode steps replay captured CUDA graphs (CUDA only; costs a few seconds at start
@@ -38,6 +47,11 @@ class EngineConfig:
     advertise: str = ""  # address the control plane should dial back
 
     def __post_init__(self) -> None:
+        if self.max_loras < 0 or self.adapter_preload_threads < 1:
+            raise ValueError(
+                "--max-loras must be 0 (auto) or positive and --adapter-preload-threads at "
+                f"least 1, got {self.max_loras} and {self.adapter_preload_threads}"
+            )
         if self.lora_backend not in ("auto", "triton", "torch"):
             raise ValueError(
                 f"--lora-backend must be auto, triton or torch, got {self.lora_backend!r}"

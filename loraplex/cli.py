@@ -47,6 +47,10 @@ def _engine_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    # The engine loop shares the GIL with the gRPC event loop. When a step's device work
+    # finishes, the loop thread must get the GIL back quickly: Python's default 5 ms
+    # switch interval would let a busy event loop hold it for most of a decode step.
+    sys.setswitchinterval(0.0005)
     try:
         asyncio.run(serve(config, on_ready=ready, parts=parts))
     except KeyboardInterrupt:
@@ -72,12 +76,16 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_mixed_prefill_tokens=args.max_mixed_prefill_tokens,
+        max_wait_steps=args.max_wait_steps,
         max_num_waiting=args.max_num_waiting,
         default_max_new_tokens=args.default_max_new_tokens,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
         adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
+        adapter_preload_threads=args.adapter_preload_threads,
+        adapter_wait_s=args.adapter_wait_s,
         adapter_roots=tuple(Path(p).resolve() for p in args.adapter_root),
         lora_backend=args.lora_backend,
         cuda_graphs=not args.no_cuda_graphs,
@@ -152,16 +160,56 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
     serve.add_argument(
+        "--max-mixed-prefill-tokens",
+        type=int,
+        default=EngineConfig.max_mixed_prefill_tokens,
+        help="prompt tokens a step may carry while other streams decode (bounds their "
+        "time between tokens when requests arrive)",
+    )
+    serve.add_argument(
+        "--max-wait-steps",
+        type=int,
+        default=EngineConfig.max_wait_steps,
+        help="steps a waiting request may be passed over before it goes first in line",
+    )
+    serve.add_argument(
         "--max-num-waiting",
         type=int,
         default=1024,
         help="queued requests beyond which Generate answers RESOURCE_EXHAUSTED",
     )
     serve.add_argument("--default-max-new-tokens", type=int, default=256)
-    serve.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
+    serve.add_argument(
+        "--max-loras",
+        type=int,
+        default=0,
+        help="adapter slots on the device (distinct adapters per batch); 0 = auto: on CUDA "
+        "as many slots at --max-lora-rank as fit in 10%% of the device memory free after "
+        "the model loads (at most 128; the KV cache gets what is left), on the CPU 8",
+    )
     serve.add_argument("--max-lora-rank", type=int, default=64)
-    serve.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in host memory")
-    serve.add_argument("--adapter-dir", default="", help="preload every adapter folder under DIR")
+    serve.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=64,
+        help="idle adapters kept in host memory (adapters with requests in flight always are)",
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        default="",
+        help="preload every adapter folder under DIR in the background (folder name = id); "
+        "the engine serves meanwhile",
+    )
+    serve.add_argument(
+        "--adapter-preload-threads", type=int, default=4, help="threads loading --adapter-dir"
+    )
+    serve.add_argument(
+        "--adapter-wait-s",
+        type=float,
+        default=30.0,
+        help="how long a request waits for its adapter while it is still being preloaded "
+        "before UNAVAILABLE",
+    )
     serve.add_argument(
         "--adapter-root",
         action="append",

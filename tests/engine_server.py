@@ -61,9 +61,12 @@ def collect(stream) -> GenerateResult:
 
 
 @contextmanager
-def running_engine(config: EngineConfig) -> Iterator[RunningEngine]:
-    """Builds the engine, serves it on a background event loop, yields a client side."""
-    parts = build_engine(config)
+def running_engine(
+    config: EngineConfig, parts: EngineParts | None = None
+) -> Iterator[RunningEngine]:
+    """Builds the engine (unless `parts` is given), serves it on a background event
+    loop, yields a client side."""
+    parts = parts or build_engine(config)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     ports: list[int] = []

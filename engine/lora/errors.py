@@ -4,7 +4,8 @@ The gRPC servicers translate these by class, never by message, so each class map
 one status code: AdapterFormatError → INVALID_ARGUMENT / FAILED_PRECONDITION,
 AdapterPathError → PERMISSION_DENIED, AdapterNotFoundError → NOT_FOUND,
 AdapterConflictError → ALREADY_EXISTS / FAILED_PRECONDITION,
-AdapterEvictingError → UNAVAILABLE (retry later).
+AdapterEvictingError → UNAVAILABLE (retry later), AdapterLoadingError → UNAVAILABLE
+once a bounded wait for the load has run out.
 """
 
 from __future__ import annotations
@@ -40,3 +41,7 @@ class AdapterConflictError(ValueError):
 
 class AdapterEvictingError(RuntimeError):
     """The adapter is being evicted: it finishes requests in flight but takes no new ones."""
+
+
+class AdapterLoadingError(RuntimeError):
+    """The adapter is announced (being preloaded) but not loaded yet: wait or retry."""

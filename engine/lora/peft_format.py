@@ -1,49 +1,64 @@
-"""Load a PEFT LoRA folder into host tensors ready for the slot pool.
+"""Load a PEFT LoRA folder into its packed host image, ready for a device slot.
 
 Contract of `load_adapter`: the folder passes `validate_adapter_header` (same code,
 same header), its weights are finite, and its sha256 matches `expected_sha256` when
-given. Each targeted (layer, projection) yields `A [r, in]` and `B_scaled [out, r]`,
-float32 on the CPU, with PEFT's scaling (alpha/r or alpha/sqrt(r), per module)
-folded into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA output.
+given. The result holds, per projection group, the adapter's whole slot image in the
+serving dtype (layout in engine.lora.layout), with PEFT's scaling (alpha/r or
+alpha/sqrt(r), per module) folded into B so that `delta = x @ A.T @ B_scaled.T` is
+exactly PEFT's LoRA output. The file is read once; its sha256 is computed beside the
+decode (engine.lora.hashed_read).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from engine.lora.adapter_config import read_adapter_config
 from engine.lora.adapter_header import (
     AdapterSummary,
+    LoraModuleSpec,
     check_sha256,
     summarize,
     validate_adapter_header,
     weights_file,
 )
 from engine.lora.errors import AdapterFormatError
-from engine.lora.safetensors_header import read_header_from_bytes
+from engine.lora.hashed_read import read_hashed
+from engine.lora.layout import SLICE_OF, GroupLayout, group_layouts
+from engine.lora.safetensors_header import TensorInfo, read_header_from_bytes
 from engine.model.config import ModelConfig
 
 __all__ = ["LoraWeights", "load_adapter", "validate_adapter_header"]
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One adapter's weights on the host; immutable once built.
+    """One adapter's weights on the host, packed as its slot image; immutable once built.
 
-    `modules[(layer, projection)] = (A, B_scaled)`: A `[r, in]` and B_scaled `[out, r]`
-    float32 CPU tensors (pinned when the registry pins them), scaling folded into B.
-    Projections and layers absent from `modules` are not targeted (zero delta).
+    `groups[g] = (A [L, n_slices, r, in], B_scaled [L, total_out, r])`, contiguous, in
+    `dtype`, r = `summary.rank`, for each group g with at least one targeted projection
+    (a group absent here adds nothing). B_scaled is B * scaling computed in float32 (as
+    PEFT does) and then cast once, so the image equals a float32 staging copy cast on
+    the device. Rows a module does not use (rank below r, untargeted projections or
+    layers) are zero.
     """
 
     summary: AdapterSummary
-    modules: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    groups: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    layouts: Mapping[str, GroupLayout]
 
     @property
     def rank(self) -> int:
@@ -59,58 +74,150 @@ class LoraWeights:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes of adapter_model.safetensors."""
         return self.summary.size_bytes
 
     @property
     def sha256(self) -> str:
         return self.summary.sha256
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.groups.values()))[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the image."""
+        return sum(a.nbytes + b.nbytes for a, b in self.groups.values())
+
+    @property
+    def modules(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """Views of the image per targeted (layer, projection): `(A [r_m, in],
+        B_scaled [out, r_m])` at the module's own rank r_m."""
+        views = {}
+        for spec in self.summary.modules:
+            group, index = SLICE_OF[spec.projection]
+            a, b = self.groups[group]
+            begin, end = self.layouts[group].slice_offsets[index : index + 2]
+            views[(spec.layer, spec.projection)] = (
+                a[spec.layer, index, : spec.rank],
+                b[spec.layer, begin:end, : spec.rank],
+            )
+        return views
+
     def pinned(self) -> LoraWeights:
-        """A copy whose tensors live in page-locked memory (needs a CUDA build), so the
-        slot pool can copy them to the device asynchronously."""
-        modules = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in self.modules.items()}
-        return LoraWeights(summary=self.summary, modules=modules)
+        """A copy in page-locked memory (needs a CUDA build), so the slot pool can copy
+        it to the device asynchronously. `load_adapter(pin_memory=True)` pins at once."""
+        groups = {g: (a.pin_memory(), b.pin_memory()) for g, (a, b) in self.groups.items()}
+        return dataclasses.replace(self, groups=groups)
 
 
 def load_adapter(
-    folder: Path, model_config: ModelConfig, max_rank: int, *, expected_sha256: str = ""
+    folder: Path,
+    model_config: ModelConfig,
+    max_rank: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    pin_memory: bool = False,
+    expected_sha256: str = "",
 ) -> LoraWeights:
-    """Read, validate and scale the adapter in `folder`; AdapterFormatError on any problem."""
+    """Read, validate, scale and pack the adapter in `folder` into a `dtype` image
+    (page-locked when `pin_memory`); AdapterFormatError on any problem."""
     folder = Path(folder)
     config = read_adapter_config(folder)
     path = weights_file(folder)
     try:
-        data = path.read_bytes()
+        read = read_hashed(path)
     except OSError as exc:
         raise AdapterFormatError("corrupt_weights", f"cannot read {path}: {exc}") from exc
-    sha256 = hashlib.sha256(data).hexdigest()
-    check_sha256(path, sha256, expected_sha256)
-    header = read_header_from_bytes(path, data)
-    summary = summarize(config, header, model_config, max_rank, len(data), sha256)
+    layouts = group_layouts(model_config)
     try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(
-            "corrupt_weights", f"{path} could not be decoded as safetensors: {exc}"
-        ) from exc
-    del data
-
-    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for spec in summary.modules:
-        a = _finite_float32(path, spec.a_name, tensors[spec.a_name])  # [r, in]
-        b = _finite_float32(path, spec.b_name, tensors[spec.b_name])  # [out, r]
-        # Scaling in float32 before any cast to the serving dtype, as PEFT does it.
-        modules[(spec.layer, spec.projection)] = (a.contiguous(), (b * spec.scaling).contiguous())
-    return LoraWeights(summary=summary, modules=modules)
+        header = read_header_from_bytes(path, read.data)
+        summary = summarize(config, header, model_config, max_rank, len(read.data), "")
+        _check_finite(path, read.data, header, summary.modules)
+        groups = _pack(read.data, header, summary, layouts, model_config, dtype, pin_memory)
+    except AdapterFormatError:
+        # Another file than the one registered is the first thing to say.
+        check_sha256(path, read.sha256(), expected_sha256)
+        raise
+    sha256 = read.sha256()
+    check_sha256(path, sha256, expected_sha256)
+    return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts)
 
 
-def _finite_float32(path: Path, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.to(torch.float32)
-    if not bool(torch.isfinite(tensor).all()):
-        bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-        raise AdapterFormatError(
-            "non_finite",
-            f"tensor {name} in {path} contains {bad} values; the training run diverged — "
-            "use an earlier checkpoint or retrain",
-        )
-    return tensor
+def _pack(
+    data: bytearray,
+    header: dict[str, TensorInfo],
+    summary: AdapterSummary,
+    layouts: Mapping[str, GroupLayout],
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    pin_memory: bool,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    num_layers, rank = model_config.num_layers, summary.rank
+    groups = {}
+    for group, layout in layouts.items():
+        specs = [s for s in summary.modules if SLICE_OF[s.projection][0] == group]
+        if not specs:
+            continue
+        # Zero-filling 80 MB costs as much as packing it: skip it when every row is written.
+        full = len(specs) == num_layers * layout.num_slices and all(s.rank == rank for s in specs)
+        alloc = torch.empty if full else torch.zeros
+        a = alloc(layout.a_shape(num_layers, rank), dtype=dtype, pin_memory=pin_memory)
+        b = alloc(layout.b_shape(num_layers, rank), dtype=dtype, pin_memory=pin_memory)
+        for spec in specs:
+            index = SLICE_OF[spec.projection][1]
+            begin, end = layout.slice_offsets[index : index + 2]
+            a[spec.layer, index, : spec.rank].copy_(_tensor(data, header[spec.a_name]))  # [r, in]
+            # Scaling in float32 before the one cast to the serving dtype, as PEFT does it;
+            # out of place: for a float32 file `.float()` is a view of the bytes being hashed.
+            b_scaled = _tensor(data, header[spec.b_name]).float() * spec.scaling  # [out, r] f32
+            b[spec.layer, begin:end, : spec.rank].copy_(b_scaled)
+        groups[group] = (a, b)
+    return groups
+
+
+def _check_finite(
+    path: Path, data: bytearray, header: dict[str, TensorInfo], specs: tuple[LoraModuleSpec, ...]
+) -> None:
+    """Every weight is finite. One reduction over the whole data region when all tensors
+    share a dtype (the usual case); per tensor only to name a bad one."""
+    dtypes = {info.dtype for info in header.values()}
+    if len(dtypes) == 1:
+        dtype_name = dtypes.pop()
+        start = min(info.offset for info in header.values())
+        count = (len(data) - start) // _DTYPES[dtype_name].itemsize
+        if _all_finite(_flat(data, dtype_name, start, count)):
+            return
+    for spec in specs:
+        for name in (spec.a_name, spec.b_name):
+            tensor = _tensor(data, header[name])
+            if not _all_finite(tensor):
+                bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                raise AdapterFormatError(
+                    "non_finite",
+                    f"tensor {name} in {path} contains {bad} values; the training run "
+                    "diverged — use an earlier checkpoint or retrain",
+                )
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # min and max propagate NaN and hold any ±Inf: one pass with no temporary tensor,
+    # about 30x faster than isfinite().all() on 40M bf16 values.
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _tensor(data: bytearray, info: TensorInfo) -> torch.Tensor:
+    """A view of `info`'s tensor inside `data`."""
+    return _flat(data, info.dtype, info.offset, math.prod(info.shape)).view(info.shape)
+
+
+def _flat(data: bytearray, dtype_name: str, offset: int, count: int) -> torch.Tensor:
+    """`count` elements of `dtype_name` at byte `offset` of `data`, without a copy unless
+    the offset is misaligned for the dtype."""
+    dtype = _DTYPES[dtype_name]
+    if offset % dtype.itemsize:  # a writer that does not align: copy these bytes
+        data = bytearray(memoryview(data)[offset : offset + count * dtype.itemsize])
+        offset = 0
+    return torch.frombuffer(data, dtype=dtype, count=count, offset=offset)

@@ -1,9 +1,15 @@
 """The engine's loaded adapters: names, reference counts, eviction, and a host-memory
-LRU cache of their weights (disk ◀ CPU cache; device slots live in the slot pool).
+LRU cache of their packed slot images (disk ◀ CPU cache; device slots live in the slot
+pool).
 
-Thread-safe: the admin gRPC thread loads and evicts while the engine loop resolves,
-acquires, releases and reads weights. One lock guards the bookkeeping; disk reads and
-validation happen outside it so a large load never stalls the engine loop.
+The cache holds every adapter with requests in flight (those are never evicted, so the
+engine loop never reads a disk to fill a slot) plus up to `max_cpu_loras` idle ones,
+least recently used leaving first.
+
+Thread-safe: the admin gRPC thread and the preload threads load and evict while the
+engine loop resolves, acquires, releases and reads weights. One lock guards the
+bookkeeping; disk reads and validation happen outside it so a large load never stalls
+the engine loop.
 """
 
 from __future__ import annotations
@@ -15,31 +21,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from engine.lora.adapter_config import CONFIG_NAME
-from engine.lora.adapter_header import WEIGHTS_NAME
+import torch
+
+from engine.lora.adapter_paths import resolve_adapter_folder
 from engine.lora.adapter_record import AdapterEntry, AdapterRecord
 from engine.lora.errors import (
     AdapterConflictError,
     AdapterEvictingError,
-    AdapterFormatError,
+    AdapterLoadingError,
     AdapterNotFoundError,
-    AdapterPathError,
 )
+from engine.lora.host_cache import HostCache
 from engine.lora.peft_format import LoraWeights, load_adapter
 from engine.model.config import ModelConfig
 
 LoadOutcome = Literal["loaded", "already_loaded"]
 EvictOutcome = Literal["evicted", "not_present"]
 _MAX_EVICTED_NAMES = 4096
-_LOADED_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what load_adapter opens in the folder
 
 
 class AdapterRegistry:
     """Adapters known to this engine, by id and alias.
 
-    `on_drop(adapter_id)` (optional) is called, outside the lock, whenever an adapter
-    leaves the registry (evicted idle, or its last in-flight request released), so the
-    owner of device slots can free the adapter's slot.
+    Host images are packed in `dtype` (the serving dtype) and page-locked when
+    `pin_memory`. `on_drop(adapter_id)` (optional) is called, outside the lock, whenever
+    an adapter leaves the registry (evicted idle, or its last in-flight request
+    released), so the owner of device slots can free the adapter's slot.
+    `before_read(adapter_id)` (optional) is called, outside the lock, before each read
+    of an adapter's files (load or re-read); the engine passes none, tests hold a load
+    there to observe the engine while it is in progress.
     """
 
     def __init__(
@@ -50,21 +60,27 @@ class AdapterRegistry:
         adapter_roots: tuple[Path, ...] = (),
         pin_memory: bool = False,
         *,
+        dtype: torch.dtype = torch.float32,
         on_drop: Callable[[str], None] | None = None,
+        before_read: Callable[[str], None] | None = None,
     ) -> None:
         self.model_config = model_config
         self.max_rank = max_rank
         self.max_cpu_loras = max(0, max_cpu_loras)
         self.adapter_roots = tuple(Path(root).resolve() for root in adapter_roots)
         self.pin_memory = pin_memory
+        self.dtype = dtype
         self._on_drop = on_drop
+        self._before_read = before_read
         self._lock = threading.Lock()
         self._entries: dict[str, AdapterEntry] = {}
         self._alias_to_id: dict[str, str] = {}
-        self._cache: OrderedDict[str, LoraWeights] = OrderedDict()  # least recent first
+        self._cache = HostCache(self.max_cpu_loras, self._in_use)
         # Names (ids and aliases) of evicted adapters, so a caller naming one learns it
         # was evicted rather than never known. Bounded; a load of the name clears it.
         self._evicted: OrderedDict[str, None] = OrderedDict()
+        # Ids announced by `expect` whose background load has not finished yet.
+        self._expected: set[str] = set()
 
     def load(
         self,
@@ -86,16 +102,14 @@ class AdapterRegistry:
         if not adapter_id:
             raise ValueError("adapter_id must not be empty")
         aliases = tuple(dict.fromkeys(a for a in aliases if a and a != adapter_id))
-        folder = self._check_path(path)
+        folder = resolve_adapter_folder(path, self.adapter_roots)
         with self._lock:
             self._check_names(adapter_id, aliases)
             existing = self._entries.get(adapter_id)
             if existing is not None and sha256:
                 # The caller named the content: answer without reading the file.
                 return self._reload_existing(existing, sha256, tenant, aliases)
-        weights = load_adapter(folder, self.model_config, self.max_rank, expected_sha256=sha256)
-        if self.pin_memory and self.max_cpu_loras:
-            weights = weights.pinned()
+        weights = self._read(adapter_id, folder, sha256)
         with self._lock:
             self._check_names(adapter_id, aliases)
             existing = self._entries.get(adapter_id)
@@ -107,7 +121,7 @@ class AdapterRegistry:
                 self._evicted.pop(name, None)
             for alias in aliases:
                 self._alias_to_id[alias] = adapter_id
-            self._put_in_cache(adapter_id, weights)
+            self._cache.put(adapter_id, weights)
             return "loaded", self._record(entry)
 
     def resolve(self, name: str) -> AdapterRecord:
@@ -144,6 +158,8 @@ class AdapterRegistry:
             dropped = entry.evicting and entry.in_flight == 0
             if dropped:
                 self._drop(adapter_id)
+            elif entry.in_flight == 0:
+                self._cache.trim()  # it may have been held beyond max_cpu_loras
         if dropped and self._on_drop is not None:
             self._on_drop(adapter_id)
 
@@ -167,25 +183,35 @@ class AdapterRegistry:
             self._on_drop(adapter_id)
         return "evicted"
 
+    def expect(self, adapter_ids: Iterable[str]) -> None:
+        """Announce ids that are about to be loaded in the background: until `settle(id)`,
+        naming one that is not loaded yet raises AdapterLoadingError (wait or retry),
+        not AdapterNotFoundError."""
+        with self._lock:
+            self._expected.update(adapter_ids)
+
+    def settle(self, adapter_id: str) -> None:
+        """The background load of `adapter_id` finished, loaded or refused."""
+        with self._lock:
+            self._expected.discard(adapter_id)
+
     def weights(self, adapter_id: str) -> LoraWeights:
-        """The adapter's host weights, from the cache or re-read (and re-checked against
-        the recorded sha256) from disk. Works while evicting: admitted requests may
-        still need the adapter placed in a slot."""
+        """The adapter's host image, from the cache or re-read (and re-checked against
+        the recorded sha256) from disk; cached while the adapter has requests in
+        flight. Works while evicting: admitted requests may still need the adapter
+        placed in a slot."""
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded on this engine")
             cached = self._cache.get(adapter_id)
             if cached is not None:
-                self._cache.move_to_end(adapter_id)
                 return cached
             folder, sha256 = entry.path, entry.summary.sha256
-        weights = load_adapter(folder, self.model_config, self.max_rank, expected_sha256=sha256)
-        if self.pin_memory and self.max_cpu_loras:
-            weights = weights.pinned()
+        weights = self._read(adapter_id, folder, sha256)
         with self._lock:
             if self._entries.get(adapter_id) is entry:
-                self._put_in_cache(adapter_id, weights)
+                self._cache.put(adapter_id, weights)
         return weights
 
     def __contains__(self, adapter_id: object) -> bool:
@@ -196,19 +222,17 @@ class AdapterRegistry:
         with self._lock:
             return len(self._entries)
 
-    def _check_path(self, path: Path | str) -> Path:
-        folder = Path(path).resolve()  # follows symlinks and `..`
-        # And each file the loader opens: a symlinked file would let a load read any file.
-        files = [(folder / name).resolve() for name in _LOADED_FILES if (folder / name).exists()]
-        for target in (folder, *files):
-            if self.adapter_roots and not any(target.is_relative_to(r) for r in self.adapter_roots):
-                raise AdapterPathError(
-                    f"adapter path {path} resolves to {target}, outside the engine's adapter roots "
-                    f"({', '.join(map(str, self.adapter_roots))}); put its files (not links) in one"
-                )
-        if not folder.is_dir():
-            raise AdapterFormatError("missing_folder", f"adapter path {path} is not a directory")
-        return folder
+    def _read(self, adapter_id: str, folder: Path, sha256: str) -> LoraWeights:
+        if self._before_read is not None:
+            self._before_read(adapter_id)
+        return load_adapter(
+            folder,
+            self.model_config,
+            self.max_rank,
+            dtype=self.dtype,
+            pin_memory=self.pin_memory,
+            expected_sha256=sha256,
+        )
 
     # Everything below runs with the lock held.
 
@@ -260,6 +284,10 @@ class AdapterRegistry:
 
     def _usable(self, name: str) -> AdapterEntry:
         entry = self._entries.get(self._alias_to_id.get(name, name))
+        if entry is None and name in self._expected:
+            raise AdapterLoadingError(
+                f"adapter {name!r} is still being loaded on this engine (it is starting up)"
+            )
         if entry is None and name in self._evicted:
             raise AdapterNotFoundError(
                 f"adapter {name!r} was evicted from this engine (retired, or moved to other "
@@ -274,19 +302,15 @@ class AdapterRegistry:
             )
         return entry
 
-    def _put_in_cache(self, adapter_id: str, weights: LoraWeights) -> None:
-        if not self.max_cpu_loras:
-            return
-        self._cache[adapter_id] = weights
-        self._cache.move_to_end(adapter_id)
-        while len(self._cache) > self.max_cpu_loras:
-            self._cache.popitem(last=False)
+    def _in_use(self, adapter_id: str) -> bool:
+        entry = self._entries.get(adapter_id)
+        return entry is not None and entry.in_flight > 0
 
     def _drop(self, adapter_id: str) -> None:
         entry = self._entries.pop(adapter_id)
         for alias in entry.aliases:
             self._alias_to_id.pop(alias, None)
-        self._cache.pop(adapter_id, None)
+        self._cache.pop(adapter_id)
         self._remember_evicted([adapter_id, *entry.aliases])
 
     def _remember_evicted(self, names: Iterable[str]) -> None:

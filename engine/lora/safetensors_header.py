@@ -27,6 +27,7 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int  # byte offset of the tensor's data from the start of the file
 
 
 def read_header_from_file(path: Path) -> tuple[dict[str, TensorInfo], int]:
@@ -39,16 +40,20 @@ def read_header_from_file(path: Path) -> tuple[dict[str, TensorInfo], int]:
             header_bytes = handle.read(header_len)
     except OSError as exc:
         raise AdapterFormatError("corrupt_weights", f"cannot read {path}: {exc}") from exc
-    return parse_header(path, header_bytes, file_size - 8 - header_len), file_size
+    return parse_header(path, header_bytes, file_size - 8 - header_len, 8 + header_len), file_size
 
 
 def read_header_from_bytes(path: Path, data: bytes) -> dict[str, TensorInfo]:
     """Same checks as `read_header_from_file`, on a file already read into memory."""
     header_len = _check_header_len(path, data[:8], len(data))
-    return parse_header(path, data[8 : 8 + header_len], len(data) - 8 - header_len)
+    return parse_header(path, data[8 : 8 + header_len], len(data) - 8 - header_len, 8 + header_len)
 
 
-def parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorInfo]:
+def parse_header(
+    path: Path, header_bytes: bytes, data_len: int, data_start: int
+) -> dict[str, TensorInfo]:
+    """`{name: TensorInfo}` of a header whose data region (`data_len` bytes) begins at
+    byte `data_start` of the file."""
     try:
         raw = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -72,7 +77,7 @@ def parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, Te
             )
         if any(d < 0 for d in shape) or end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
             raise _corrupt(path, f"the byte range of tensor {name} does not match its shape")
-        tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape)
+        tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape, offset=data_start + begin)
         spans.append((begin, end, name))
     # The data region must be covered exactly, in order, with no gaps or overlaps.
     position = 0

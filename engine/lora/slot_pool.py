@@ -9,9 +9,11 @@ Layout (what the LoRA kernels index), per group g in GROUPS and layer l:
 Everything not loaded (padding rows/columns, untargeted projections and layers, empty
 slots) is zero, so a kernel may read a whole `r_max` and still add nothing spurious.
 
-All buffers are allocated once here; loading a slot copies into them. On CUDA slot
-writes run on a side stream behind an event, and the runner must call
-`wait_pending(stream)` before its next forward; on the CPU they are synchronous.
+All buffers are allocated once here; loading a slot copies an adapter's packed host
+image (`peft_format.LoraWeights`, same layout at the adapter's own rank) into them: a
+handful of large copies per slot, not one per module. On CUDA slot writes run on a
+side stream behind an event, and the runner must call `wait_pending(stream)` before
+its next forward; on the CPU they are synchronous.
 Which adapter goes to which slot is the scheduler's decision (engine/adapter_slots.py).
 """
 
@@ -22,13 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.lora.layout import GROUPS, SLICE_OF, group_layouts
 from engine.lora.peft_format import LoraWeights
 from engine.model.config import ModelConfig
-from engine.model.lora_hook import PROJECTION_GROUPS
 
-GROUPS = ("qkv", "o", "gate_up", "down")
-# projection -> (group, slice index within the group)
-SLICE_OF = {p: (g, i) for g, projs in PROJECTION_GROUPS.items() for i, p in enumerate(projs)}
+__all__ = ["GROUPS", "SLICE_OF", "LoraSlotPool", "SlotLoad"]
 
 
 @dataclass
@@ -63,55 +63,49 @@ class LoraSlotPool:
         self.dtype = dtype
         self.device = torch.device(device)
         num_layers = model_config.num_layers
-        self.slice_offsets: dict[str, tuple[int, ...]] = {}
-        self.in_features: dict[str, int] = {}
+        layouts = group_layouts(model_config)
+        self.slice_offsets = {g: layout.slice_offsets for g, layout in layouts.items()}
+        self.in_features = {g: layout.in_features for g, layout in layouts.items()}
         self.lora_a: dict[str, torch.Tensor] = {}
         self.lora_b: dict[str, torch.Tensor] = {}
-        for group, projections in PROJECTION_GROUPS.items():
-            outs = [model_config.projection_shape(p)[0] for p in projections]
-            self.in_features[group] = model_config.projection_shape(projections[0])[1]
-            self.slice_offsets[group] = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
+        # Flat device buffers, one slot at max_rank per group: the landing place of the
+        # host image's copies (viewed at the image's own rank, so each is one plain memcpy).
+        self._staging_a: dict[str, torch.Tensor] = {}
+        self._staging_b: dict[str, torch.Tensor] = {}
+        for group, layout in layouts.items():
+            a_shape = layout.a_shape(num_layers, max_rank)  # [L, n_slices, r_max, in]
+            b_shape = layout.b_shape(num_layers, max_rank)  # [L, total_out, r_max]
             # [L, S, n_slices, r_max, in] and [L, S, total_out, r_max]
             self.lora_a[group] = torch.zeros(
-                num_layers,
-                max_loras,
-                len(projections),
-                max_rank,
-                self.in_features[group],
-                dtype=dtype,
-                device=self.device,
+                a_shape[0], max_loras, *a_shape[1:], dtype=dtype, device=self.device
             )
             self.lora_b[group] = torch.zeros(
-                num_layers,
-                max_loras,
-                self.slice_offsets[group][-1],
-                max_rank,
-                dtype=dtype,
-                device=self.device,
+                b_shape[0], max_loras, *b_shape[1:], dtype=dtype, device=self.device
             )
+            if self.device.type == "cuda":
+                self._staging_a[group] = torch.empty(
+                    self.lora_a[group][:, 0].numel(), dtype=dtype, device=self.device
+                )
+                self._staging_b[group] = torch.empty(
+                    self.lora_b[group][:, 0].numel(), dtype=dtype, device=self.device
+                )
         self.slot_ranks = torch.zeros(max_loras, dtype=torch.int32)  # [S] host
         self._pending: list[SlotLoad] = []
         self._stream: torch.cuda.Stream | None = None
-        self._staging_a: dict[str, torch.Tensor] = {}
-        self._staging_b: dict[str, torch.Tensor] = {}
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(device=self.device)
-            # float32 staging for one slot: pinned float32 host weights land here with
-            # truly asynchronous copies, then the cast to `dtype` happens on the device.
-            for group in GROUPS:
-                self._staging_a[group] = torch.zeros_like(
-                    self.lora_a[group][:, 0], dtype=torch.float32
-                )
-                self._staging_b[group] = torch.zeros_like(
-                    self.lora_b[group][:, 0], dtype=torch.float32
-                )
 
     def layer_weights(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`(lora_a [S, n_slices, r_max, in], lora_b [S, total_out, r_max])` of one layer."""
         return self.lora_a[group][layer], self.lora_b[group][layer]
 
     def load_into_slot(self, slot: int, weights: LoraWeights) -> SlotLoad:
-        """Replace whatever `slot` held with `weights` (copies only, no pool allocation)."""
+        """Replace whatever `slot` held with `weights` (copies only, no pool allocation).
+
+        On CUDA: per group one host-to-device copy of A and of B into staging, a device
+        copy into the slot and a zero fill of the rank beyond the adapter's, all on the
+        side stream. Truly asynchronous when the image is pinned; a pure memcpy when it
+        is in the pool's dtype (another dtype is cast on the device)."""
         self._check_slot(slot)
         if weights.rank > self.max_rank:
             raise ValueError(
@@ -119,32 +113,41 @@ class LoraSlotPool:
             )
         if self._stream is None:
             for group in GROUPS:
-                self.lora_a[group][:, slot].zero_()
-                self.lora_b[group][:, slot].zero_()
-            for (layer, proj), (a, b) in weights.modules.items():
-                dst_a, dst_b = self._module_views(
-                    self.lora_a, self.lora_b, layer, slot, proj, a.shape[0]
-                )
-                dst_a.copy_(a)  # [r, in]
-                dst_b.copy_(b)  # [out, r]
+                self._write_group(slot, group, weights.groups.get(group))
             self.slot_ranks[slot] = weights.rank
             return SlotLoad(slot=slot)
-        handle = SlotLoad(slot=slot, sources=[t for pair in weights.modules.values() for t in pair])
+        handle = SlotLoad(slot=slot, sources=[t for pair in weights.groups.values() for t in pair])
         with self._on_side_stream(handle):
             for group in GROUPS:
-                self._staging_a[group].zero_()
-                self._staging_b[group].zero_()
-            staging_a = {g: t.unsqueeze(1) for g, t in self._staging_a.items()}
-            staging_b = {g: t.unsqueeze(1) for g, t in self._staging_b.items()}
-            for (layer, proj), (a, b) in weights.modules.items():
-                dst_a, dst_b = self._module_views(staging_a, staging_b, layer, 0, proj, a.shape[0])
-                dst_a.copy_(a, non_blocking=True)
-                dst_b.copy_(b, non_blocking=True)
-            for group in GROUPS:
-                self.lora_a[group][:, slot].copy_(self._staging_a[group])
-                self.lora_b[group][:, slot].copy_(self._staging_b[group])
+                image = weights.groups.get(group)
+                if image is not None:
+                    a, b = image
+                    staged_a = self._staging_a[group][: a.numel()].view(a.shape)
+                    staged_b = self._staging_b[group][: b.numel()].view(b.shape)
+                    staged_a.copy_(a, non_blocking=True)
+                    staged_b.copy_(b, non_blocking=True)
+                    image = (staged_a, staged_b)
+                self._write_group(slot, group, image)
         self.slot_ranks[slot] = weights.rank
         return handle
+
+    def _write_group(
+        self, slot: int, group: str, image: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        """Slot `slot` of `group` := `image` (A [L, n, r, in], B [L, total_out, r]) padded
+        with zeros to max_rank, or all zeros when the image is None."""
+        dst_a = self.lora_a[group][:, slot]  # [L, n_slices, r_max, in]
+        dst_b = self.lora_b[group][:, slot]  # [L, total_out, r_max]
+        if image is None:
+            dst_a.zero_()
+            dst_b.zero_()
+            return
+        a, b = image
+        rank = a.shape[2]
+        dst_a[:, :, :rank].copy_(a)
+        dst_a[:, :, rank:].zero_()
+        dst_b[:, :, :rank].copy_(b)
+        dst_b[:, :, rank:].zero_()
 
     def clear_slot(self, slot: int) -> SlotLoad:
         """Zero `slot` and set its rank to 0."""
@@ -183,21 +186,6 @@ class LoraSlotPool:
     def _on_side_stream(self, handle: SlotLoad) -> _SideStream:
         assert self._stream is not None
         return _SideStream(self, handle)
-
-    def _module_views(
-        self,
-        a_bufs: dict[str, torch.Tensor],
-        b_bufs: dict[str, torch.Tensor],
-        layer: int,
-        slot: int,
-        proj: str,
-        rank: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        group, index = SLICE_OF[proj]
-        begin, end = self.slice_offsets[group][index], self.slice_offsets[group][index + 1]
-        return a_bufs[group][layer, slot, index, :rank], b_bufs[group][
-            layer, slot, begin:end, :rank
-        ]
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_loras:

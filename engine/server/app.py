@@ -8,6 +8,7 @@ grpc.aio server and, under a control plane, keeps the engine registered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,8 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine import Engine
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
-from engine.lora.errors import AdapterConflictError, AdapterFormatError, AdapterPathError
+from engine.lora.layout import slot_bytes
+from engine.lora.preload import AdapterPreloader
 from engine.lora.registry import AdapterRegistry
 from engine.lora.slot_pool import LoraSlotPool
 from engine.metrics import EngineMetrics
@@ -43,6 +45,12 @@ from loraplex.v1 import engine_admin_pb2, engine_admin_pb2_grpc, inference_pb2, 
 
 log = logging.getLogger(__name__)
 
+# --max-loras 0 (auto) on CUDA: the slots may take this share of the device memory free
+# after the model loads, up to this many slots; on the CPU the old fixed default.
+AUTO_LORA_MEMORY_FRACTION = 0.10
+AUTO_MAX_LORAS = 128
+CPU_MAX_LORAS = 8
+
 
 @dataclass
 class EngineParts:
@@ -56,6 +64,7 @@ class EngineParts:
     fingerprint: str
     boot_id: str
     metrics: EngineMetrics
+    preloader: AdapterPreloader | None = None  # running: --adapter-dir loads in background
 
     def info(self) -> engine_admin_pb2.EngineInfo:
         scheduler = self.engine.scheduler
@@ -79,11 +88,18 @@ class EngineParts:
         )
 
 
-def build_engine(config: EngineConfig) -> EngineParts:
+def build_engine(
+    config: EngineConfig, *, before_adapter_read: Callable[[str], None] | None = None
+) -> EngineParts:
+    """Loads the model and wires everything; returns with the `--adapter-dir` preload
+    running in the background. `parts.config` is `config` with `max_loras` resolved.
+    `before_adapter_read(adapter_id)` is the registry's hook (tests hold loads there)."""
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model_path, dtype=dtype, device=config.device)
     model_config = model.config
     tokenizer = Tokenizer(config.model_path)
+    # Slots first, then the KV cache from the memory they leave.
+    config = dataclasses.replace(config, max_loras=_num_lora_slots(config, model_config, dtype))
     pool = LoraSlotPool(model_config, config.max_loras, config.max_lora_rank, dtype, config.device)
     kv_cache = KVCache(
         model_config,
@@ -111,6 +127,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
         SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=min(config.max_num_batched_tokens, capacity),
+            max_mixed_prefill_tokens=config.max_mixed_prefill_tokens,
+            max_wait_steps=config.max_wait_steps,
             block_size=config.block_size,
             num_blocks=num_blocks,
             max_loras=config.max_loras,
@@ -128,9 +146,11 @@ def build_engine(config: EngineConfig) -> EngineParts:
         max_cpu_loras=config.max_cpu_loras,
         adapter_roots=roots,
         pin_memory=config.device.startswith("cuda"),
+        dtype=dtype,
         # An adapter that really left (evicted, last request done) frees its slot.
         # `engine` is bound below, before any adapter can be dropped.
         on_drop=lambda adapter_id: engine.forget_adapter(adapter_id),
+        before_read=before_adapter_read,
     )
     graphs = None
     if use_graphs:
@@ -154,8 +174,12 @@ def build_engine(config: EngineConfig) -> EngineParts:
         release_adapter=adapters.release,
         metrics=metrics,
     )
+    preloader = None
     if config.adapter_dir is not None:
-        _preload(adapters, Path(config.adapter_dir))
+        preloader = AdapterPreloader(
+            adapters, Path(config.adapter_dir), config.adapter_preload_threads
+        )
+        preloader.start()
     return EngineParts(
         config=config,
         model_config=model_config,
@@ -167,20 +191,30 @@ def build_engine(config: EngineConfig) -> EngineParts:
         fingerprint=model_fingerprint(model_config, config.model_path),
         boot_id=uuid.uuid4().hex,
         metrics=metrics,
+        preloader=preloader,
     )
 
 
-def _preload(adapters: AdapterRegistry, adapter_dir: Path) -> None:
-    """Loads every adapter folder under `adapter_dir` (folder name = id). A folder that
-    cannot be served is skipped with its reason: one bad adapter must not keep the
-    engine, and everyone else's adapters, from starting."""
-    for folder in sorted(p for p in adapter_dir.iterdir() if p.is_dir()):
-        try:
-            adapters.load(folder.name, str(folder))
-        except (AdapterFormatError, AdapterPathError, AdapterConflictError) as exc:
-            log.error("skipping adapter folder %s: %s", folder, exc)
-        else:
-            log.info("preloaded adapter %s", folder.name)
+def _num_lora_slots(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """`config.max_loras`, or for 0 (auto) as many slots at max_lora_rank as fit in
+    AUTO_LORA_MEMORY_FRACTION of the free device memory (one more slot's worth is the
+    pool's staging buffer), capped at AUTO_MAX_LORAS; CPU_MAX_LORAS on the CPU."""
+    if config.max_loras > 0:
+        return config.max_loras
+    if not config.device.startswith("cuda"):
+        chosen = CPU_MAX_LORAS
+    else:
+        free, _total = torch.cuda.mem_get_info(torch.device(config.device))
+        per_slot = slot_bytes(model_config, config.max_lora_rank, dtype)
+        fit = int(free * AUTO_LORA_MEMORY_FRACTION) // per_slot - 1
+        chosen = max(1, min(AUTO_MAX_LORAS, fit))
+    log.info(
+        "--max-loras auto: %d adapter slots at rank %d (%.2f GB)",
+        chosen,
+        config.max_lora_rank,
+        chosen * slot_bytes(model_config, config.max_lora_rank, dtype) / 1e9,
+    )
+    return chosen
 
 
 def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
@@ -227,6 +261,7 @@ async def serve(
             parts.keys,
             parts.metrics,
             max_waiting=config.max_num_waiting,
+            adapter_wait_s=config.adapter_wait_s,
         ),
         server,
     )
@@ -275,6 +310,8 @@ async def serve(
         await server.wait_for_termination()
     finally:
         watch.cancel()
+        if parts.preloader is not None:
+            parts.preloader.stop()
         await health_servicer.enter_graceful_shutdown()
         if link is not None:
             link.cancel()

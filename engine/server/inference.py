@@ -16,8 +16,13 @@ from typing import NoReturn
 import grpc
 
 from engine.engine import Engine
-from engine.lora.errors import AdapterEvictingError, AdapterFormatError, AdapterNotFoundError
-from engine.lora.registry import AdapterRegistry
+from engine.lora.errors import (
+    AdapterEvictingError,
+    AdapterFormatError,
+    AdapterLoadingError,
+    AdapterNotFoundError,
+)
+from engine.lora.registry import AdapterRecord, AdapterRegistry
 from engine.metrics import EngineMetrics
 from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
@@ -32,6 +37,7 @@ _FINISH = {
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: inference_pb2.FINISH_REASON_ERROR,
 }
+_LOADING_POLL_S = 0.02  # how often a request waiting for a preloading adapter looks again
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -44,8 +50,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         keys: ApiKeyTable,
         metrics: EngineMetrics | None = None,  # default: the engine's
         max_waiting: int = 1024,
+        adapter_wait_s: float = 30.0,  # for an adapter still being preloaded
     ) -> None:
         self._max_waiting = max_waiting
+        self._adapter_wait_s = adapter_wait_s
         self._mailbox: OutputMailbox | None = None  # bound to the asyncio loop on first use
         self._admitting = 0  # calls past the queue check, not yet submitted
         self._engine = engine
@@ -121,14 +129,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _acquire_adapter(self, adapter_id: str, context) -> None:
         """Counts the request on its adapter (the engine loop releases it at the end) and
-        brings the weights into host memory here, so the loop never reads a disk."""
+        brings the weights into host memory here, where they stay while the request is
+        in flight, so the loop never reads a disk."""
         try:
-            self._adapters.acquire(adapter_id)
+            record = self._adapters.acquire(adapter_id)
         except (AdapterNotFoundError, AdapterEvictingError) as exc:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        on_device = self._engine.scheduler.slots.slot_of(adapter_id) is not None
-        if not self._adapters.max_cpu_loras or on_device:
-            return  # no host cache to fill, or already on the device
+        except AdapterLoadingError as exc:  # evicted and announced again meanwhile
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, f"{exc}; retry shortly")
+        if record.in_cpu_cache:
+            return  # and it stays there now that this request holds it
         try:
             await asyncio.to_thread(self._adapters.weights, adapter_id)
         except (AdapterFormatError, OSError) as exc:
@@ -156,7 +166,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if not name:
             return None
         try:
-            record = self._adapters.resolve(name)
+            record = await self._resolve_when_loaded(name, context)
         except AdapterNotFoundError as exc:
             await self._refuse(context, grpc.StatusCode.NOT_FOUND, f"{exc}; check the name")
         except AdapterEvictingError:
@@ -173,6 +183,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 f"tenant {tenant!r}'s adapters and the base model",
             )
         return record.adapter_id
+
+    async def _resolve_when_loaded(self, name: str, context) -> AdapterRecord:
+        """`resolve(name)`, waiting while the adapter is still being preloaded: up to
+        `adapter_wait_s`, then the call is refused as UNAVAILABLE (retry)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._adapter_wait_s
+        while True:
+            try:
+                return self._adapters.resolve(name)
+            except AdapterLoadingError as exc:
+                if loop.time() >= deadline:
+                    await self._refuse(
+                        context, grpc.StatusCode.UNAVAILABLE, f"{exc}; retry in a few seconds"
+                    )
+            await asyncio.sleep(_LOADING_POLL_S)
 
     async def _refuse(self, context, code: grpc.StatusCode, message: str) -> NoReturn:
         """Counts the refusal, then aborts the call (raises)."""

@@ -184,3 +184,49 @@ def test_header_validation_is_torch_free() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def per_module_image(
+    weights: LoraWeights, model_config: ModelConfig, dtype: torch.dtype
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The slot image built the old way: zeros, then each float32 module cast into its rows."""
+    from engine.lora.layout import SLICE_OF, group_layouts
+
+    layouts = group_layouts(model_config)
+    groups = {SLICE_OF[proj][0] for _, proj in weights.modules}
+    image = {
+        g: (
+            torch.zeros(layouts[g].a_shape(model_config.num_layers, weights.rank), dtype=dtype),
+            torch.zeros(layouts[g].b_shape(model_config.num_layers, weights.rank), dtype=dtype),
+        )
+        for g in groups
+    }
+    for (layer, proj), (a, b) in weights.modules.items():
+        group, index = SLICE_OF[proj]
+        begin, end = layouts[group].slice_offsets[index : index + 2]
+        image[group][0][layer, index, : a.shape[0]] = a.to(dtype)
+        image[group][1][layer, begin:end, : b.shape[1]] = b.to(dtype)
+    return image
+
+
+@pytest.mark.parametrize("variant", ["patterns", "layer_int"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_image_in_the_serving_dtype_equals_the_float32_modules_cast(
+    variant: str, dtype: torch.dtype, base_dir: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    """Packed straight into the serving dtype (scaling applied in float32 first), the
+    image holds exactly what casting the float32 modules would: per group at the
+    adapter's rank, zero wherever a module has no rows; untargeted groups absent."""
+    adapter_dir = make_peft_adapter(base_dir, tmp_path / variant, seed=5, **VARIANTS[variant])
+    reference = load_adapter(adapter_dir, model_config, MAX_RANK)
+    packed = load_adapter(adapter_dir, model_config, MAX_RANK, dtype=dtype)
+    assert packed.dtype == dtype and packed.sha256 == reference.sha256
+    expected = per_module_image(reference, model_config, dtype)
+    assert set(packed.groups) == set(expected)
+    for group, (a, b) in packed.groups.items():
+        assert a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, expected[group][0]) and torch.equal(b, expected[group][1]), group
+    assert packed.nbytes == sum(a.nbytes + b.nbytes for a, b in expected.values())
+    if variant == "layer_int":  # o_proj, gate_proj, up_proj of layer 1 only
+        assert set(packed.groups) == {"o", "gate_up"}
+        assert not packed.groups["o"][0][0].any() and packed.groups["o"][0][1].any()

@@ -1,5 +1,6 @@
 """The adapter registry: idempotent loads, names, in-flight eviction, the CPU LRU cache
-and its re-read from disk, and the adapter-root sandbox."""
+(which never drops an adapter in use) and its re-read from disk, announced background
+loads, and the adapter-root sandbox."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine.lora.errors import (
     AdapterConflictError,
     AdapterEvictingError,
     AdapterFormatError,
+    AdapterLoadingError,
     AdapterNotFoundError,
     AdapterPathError,
 )
@@ -238,3 +240,48 @@ def test_concurrent_loads_of_one_adapter(config: ModelConfig, roots: Path) -> No
         thread.join()
     assert sorted(outcomes) == ["already_loaded"] * 3 + ["loaded"]
     assert len(reg) == 1
+
+
+def test_adapters_in_use_never_leave_the_host_cache(config: ModelConfig, roots: Path) -> None:
+    """With room for one idle adapter, every adapter with requests in flight stays in
+    memory (no disk read to fill its slot, even with its files gone) until released."""
+    reg = registry(config, roots, max_cpu_loras=1)
+    for name in ("a", "b", "c"):
+        reg.load(name, roots / name)
+    held = {}
+    for name in ("a", "b"):
+        reg.acquire(name)
+        held[name] = reg.weights(name)
+    reg.load("extra", roots / "c")  # a new idle adapter cannot push out those in use
+    cached = {r.adapter_id: r.in_cpu_cache for r in reg.list()}
+    assert cached == {"a": True, "b": True, "c": False, "extra": False}
+    shutil.rmtree(roots / "a")
+    assert reg.weights("a") is held["a"]  # served from memory, the files are gone
+    reg.release("a")  # idle again and over the limit: it leaves, "b" is still in use
+    assert {r.adapter_id for r in reg.list() if r.in_cpu_cache} == {"b"}
+    with pytest.raises(AdapterFormatError):
+        reg.weights("a")
+
+
+def test_no_cpu_cache_still_holds_adapters_in_use(config: ModelConfig, roots: Path) -> None:
+    reg = registry(config, roots, max_cpu_loras=0)
+    reg.load("a", roots / "a")
+    reg.acquire("a")
+    first = reg.weights("a")
+    assert reg.weights("a") is first and reg.get("a").in_cpu_cache
+    reg.release("a")
+    assert not reg.get("a").in_cpu_cache and reg.weights("a") is not first
+
+
+def test_announced_adapters_are_loading_until_settled(config: ModelConfig, roots: Path) -> None:
+    reg = registry(config, roots)
+    reg.expect(["a", "b"])
+    for name in ("a", "b"):
+        with pytest.raises(AdapterLoadingError, match="still being loaded"):
+            reg.resolve(name)
+    reg.load("a", roots / "a")
+    reg.settle("a")
+    reg.settle("b")  # its load failed, say: now it is simply unknown
+    assert reg.resolve("a").adapter_id == "a"
+    with pytest.raises(AdapterNotFoundError):
+        reg.acquire("b")

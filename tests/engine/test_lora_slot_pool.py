@@ -10,7 +10,7 @@ import torch
 
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.peft_format import LoraWeights, load_adapter
-from engine.lora.slot_pool import GROUPS, LoraSlotPool
+from engine.lora.slot_pool import GROUPS, SLICE_OF, LoraSlotPool
 from engine.model.config import ModelConfig, load_model_config
 from engine.model.lora_hook import PROJECTION_GROUPS
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama
@@ -165,6 +165,37 @@ def test_no_adapter_batch_is_a_no_op(setup) -> None:
     assert torch.equal(out, before)
 
 
+def per_module_slot(
+    pool: LoraSlotPool, slot: int, weights: LoraWeights
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Slot `slot` as the old per-module load wrote it: zeros, then every float32 module
+    cast into its rows; on the pool's device and in its dtype."""
+    expected = {
+        g: (torch.zeros_like(pool.lora_a[g][:, slot]), torch.zeros_like(pool.lora_b[g][:, slot]))
+        for g in GROUPS
+    }
+    for (layer, proj), (a, b) in weights.modules.items():
+        group, index = SLICE_OF[proj]
+        begin, end = pool.slice_offsets[group][index : index + 2]
+        expected[group][0][layer, index, : a.shape[0]] = a.to(pool.device, pool.dtype)
+        expected[group][1][layer, begin:end, : b.shape[1]] = b.to(pool.device, pool.dtype)
+    return expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_from_the_packed_image_equals_the_per_module_copy(setup, dtype: torch.dtype) -> None:
+    """A slot filled from an image packed in the pool's dtype holds exactly what the
+    per-module copy of the float32 weights did, including over a larger adapter."""
+    config, weights_a, weights_b, _, dir_a = setup
+    pool = LoraSlotPool(config, max_loras=2, max_rank=MAX_RANK, dtype=dtype, device="cpu")
+    pool.load_into_slot(1, weights_b)  # rank 8, every projection
+    pool.load_into_slot(1, load_adapter(dir_a, config, MAX_RANK, dtype=dtype))  # rank 4, q and v
+    for group, (a, b) in per_module_slot(pool, 1, weights_a).items():
+        assert torch.equal(pool.lora_a[group][:, 1], a), group
+        assert torch.equal(pool.lora_b[group][:, 1], b), group
+    assert pool.slot_ranks.tolist() == [0, 4]
+
+
 @pytest.mark.gpu
 def test_cuda_async_load_matches_cpu(setup) -> None:
     config, weights_a, weights_b, _, _ = setup
@@ -191,3 +222,69 @@ def test_cuda_async_load_matches_cpu(setup) -> None:
     MultiLoraApplier(cpu, token_slots, backend="torch").apply(1, "qkv", x, out_cpu)
     MultiLoraApplier(gpu, token_slots).apply(1, "qkv", x.cuda(), out_gpu)
     torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), rtol=2e-2, atol=2e-2)
+
+
+def write_random_adapter(folder: Path, config: ModelConfig, rank: int, seed: int) -> Path:
+    """A PEFT-format rank-`rank` adapter on all seven projections of `config`, bf16,
+    written directly (no model needed): for shapes too large to run PEFT on."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from engine.model.config import PROJECTIONS
+
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS)).save_pretrained(
+        folder
+    )
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for proj in PROJECTIONS:
+            out_features, in_features = config.projection_shape(proj)
+            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            b = torch.randn(out_features, rank, generator=generator) * 0.02
+            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.gpu
+def test_cuda_slot_from_pinned_packed_image_equals_per_module_copy_at_8b_shapes(
+    setup, tmp_path: Path
+) -> None:
+    """Llama-3.1-8B projection shapes (4 layers), bf16: a slot loaded asynchronously from
+    the pinned packed image equals the per-module copy of the float32 weights, also when
+    it replaces a larger adapter; the neighbouring slots are untouched."""
+    import dataclasses
+
+    config = dataclasses.replace(
+        setup[0],
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        num_layers=4,
+    )
+    big = write_random_adapter(tmp_path / "r32", config, rank=32, seed=1)
+    small = write_random_adapter(tmp_path / "r16", config, rank=16, seed=2)
+    pool = LoraSlotPool(config, max_loras=3, max_rank=64, dtype=torch.bfloat16, device="cuda")
+    images = {
+        path: load_adapter(path, config, 64, dtype=torch.bfloat16, pin_memory=True)
+        for path in (big, small)
+    }
+    assert all(t.is_pinned() for w in images.values() for pair in w.groups.values() for t in pair)
+    pool.load_into_slot(0, images[small])
+    pool.load_into_slot(1, images[big])
+    pool.load_into_slot(2, images[big])
+    handle = pool.load_into_slot(1, images[small])  # rank 16 over rank 32
+    pool.wait_pending()
+    torch.cuda.synchronize()
+    assert handle.done() and pool.slot_ranks.tolist() == [16, 16, 32]
+    for slot, path in ((0, small), (1, small), (2, big)):
+        reference = load_adapter(path, config, 64)  # float32 modules
+        for group, (a, b) in per_module_slot(pool, slot, reference).items():
+            assert torch.equal(pool.lora_a[group][:, slot], a), (slot, group)
+            assert torch.equal(pool.lora_b[group][:, slot], b), (slot, group)

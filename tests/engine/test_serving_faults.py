@@ -165,6 +165,7 @@ def test_a_bad_folder_in_the_adapter_dir_is_skipped_and_the_rest_served(
     (root / "broken").mkdir()
     (root / "broken" / "adapter_config.json").write_text("{not json")
     with running_engine(config_for(tiny_llama31_path, adapter_dir=root)) as running:
+        assert running.parts.preloader.wait(30)  # the preload runs in the background
         listing = running.admin.ListAdapters(admin_pb.ListAdaptersRequest()).adapters
         assert [a.adapter_id for a in listing] == ["good"]
         assert running.generate(ids_request([5, 6], 3, adapter="good")).completion_tokens == 3

@@ -1,0 +1,189 @@
+"""Time an adapter's way from disk to a device slot, for a Llama-3.1-8B-shaped rank-16
+adapter on all seven projections (84 MB in bf16). Meant for the GPU; on a machine
+without CUDA the host-side rows still run (pageable memory, no slot row).
+
+    python bench/bench_adapter_load.py --out bench/results/adapter_load_h200.json
+
+Rows:
+- read + sha256: the file read once with its hash beside it (engine.lora.hashed_read).
+- disk -> host: `load_adapter` into the packed bf16 image, pinned on CUDA; page cache
+  warm, median of `--repeats`. The first pinned load is reported apart: later ones reuse
+  page-locked blocks from torch's host allocator, a real preload mostly cannot.
+- host -> slot: `LoraSlotPool.load_into_slot` from the pinned image into a pool at
+  `--max-lora-rank`, CUDA events around the copy and `wait_pending`, median of 20.
+- preload N threads: `AdapterPreloader` over `--adapters` folders (hard links of the one
+  file, so every read hits the page cache) into a registry that keeps all of them, with
+  the host allocator emptied first; wall time until the last is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_decode_step import LLAMA_31_8B  # noqa: E402
+
+from engine.lora.hashed_read import read_hashed  # noqa: E402
+from engine.lora.peft_format import load_adapter  # noqa: E402
+from engine.lora.preload import AdapterPreloader  # noqa: E402
+from engine.lora.registry import AdapterRegistry  # noqa: E402
+from engine.lora.slot_pool import LoraSlotPool  # noqa: E402
+from engine.model.config import PROJECTIONS, ModelConfig  # noqa: E402
+
+
+def write_adapter(folder: Path, config: ModelConfig, rank: int) -> Path:
+    """A PEFT-format adapter (config + bf16 safetensors) on all seven projections."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS)).save_pretrained(
+        folder
+    )
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for proj in PROJECTIONS:
+            out_features, in_features = config.projection_shape(proj)
+            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            b = torch.randn(out_features, rank, generator=generator) * 0.02
+            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+def median_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def slot_load_ms(pool: LoraSlotPool, image, repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pool.load_into_slot(i % pool.max_loras, image)
+        pool.wait_pending()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def preload_s(config: ModelConfig, root: Path, threads: int, max_rank: int, cuda: bool) -> float:
+    if cuda:
+        torch._C._host_emptyCache()  # every image of this run pays for its page-locking
+    count = len(list(root.iterdir()))
+    registry = AdapterRegistry(
+        config, max_rank, max_cpu_loras=count, pin_memory=cuda, dtype=torch.bfloat16
+    )
+    preloader = AdapterPreloader(registry, root, threads)
+    start = time.perf_counter()
+    preloader.start()
+    preloader.wait()
+    elapsed = time.perf_counter() - start
+    assert len(registry) == count, f"only {len(registry)} of {count} adapters loaded"
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, default=64, help="the pool's slot rank")
+    parser.add_argument("--layers", type=int, default=LLAMA_31_8B.num_layers)
+    parser.add_argument("--adapters", type=int, default=100, help="folders to preload")
+    parser.add_argument("--threads", default="1,4,8", help="preload thread counts to time")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    config = dataclasses.replace(LLAMA_31_8B, num_layers=args.layers)
+    workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="adapter-load-"))
+    try:
+        folder = write_adapter(workdir / "one", config, args.rank)
+        path = folder / "adapter_model.safetensors"
+        file_mb = path.stat().st_size / 1e6
+        results: dict[str, float] = {}
+
+        read_hashed(path).sha256()  # the page cache is warm from here on
+        results["read_sha256_ms"] = median_ms(lambda: read_hashed(path).sha256(), args.repeats)
+
+        def load(pin: bool):
+            return load_adapter(
+                folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin
+            )
+
+        results["disk_to_host_pageable_ms"] = median_ms(lambda: load(False), args.repeats)
+        if cuda:
+            start = time.perf_counter()
+            image = load(True)
+            results["disk_to_host_pinned_first_ms"] = (time.perf_counter() - start) * 1e3
+            results["disk_to_host_pinned_ms"] = median_ms(lambda: load(True), args.repeats)
+            pool = LoraSlotPool(config, 4, args.max_lora_rank, torch.bfloat16, "cuda")
+            slot_load_ms(pool, image, 3)  # warm-up
+            results["host_to_slot_ms"] = slot_load_ms(pool, image, 20)
+            results["host_to_slot_gb_per_s"] = image.nbytes / results["host_to_slot_ms"] / 1e6
+            del pool, image
+
+        root = workdir / "many"
+        root.mkdir()
+        for i in range(args.adapters):
+            target = root / f"adapter-{i:03d}"
+            target.mkdir()
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                os.link(folder / name, target / name)
+        for threads in (int(t) for t in args.threads.split(",")):
+            key = f"preload_{args.adapters}_threads_{threads}_s"
+            results[key] = preload_s(config, root, threads, args.max_lora_rank, cuda)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"adapter: rank {args.rank}, {args.layers} layers, all 7 projections, {file_mb:.1f} MB")
+    print(f"{'measurement':<40} {'value':>10}")
+    for key, value in results.items():
+        print(f"{key:<40} {value:>10.2f}")
+    if args.out is not None:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        record = {
+            "command": " ".join(sys.argv),
+            "machine": {
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+            },
+            "commit": commit,
+            "adapter_file_mb": file_mb,
+            "results": results,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
