@@ -26,7 +26,7 @@ from pathlib import Path
 CATEGORIES = (  # first match wins; matched against lower-cased kernel names
     ("lora", ("bgmv", "sgmv", "lora")),
     ("attention", ("attention", "decode_kernel", "merge_splits", "flash", "fmha", "sdpa")),
-    ("gemm", ("gemm", "gemv", "cutlass", "sm90_xmma", "cublas", "matmul", "splitk")),
+    ("gemm", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "cublas", "matmul", "splitk")),
     ("norm_rope_act", ("rms", "rope", "silu", "norm")),
     ("kv_write", ("index_copy", "indexcopy", "scatter")),
 )
