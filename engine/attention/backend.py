@@ -1,7 +1,8 @@
 """The one attention signature every backend implements, and the choice among them.
 
 A backend `attend(q, k, v, kv_layer, meta, scale) -> out` first stores the new k/v at
-`meta.slot_mapping` in `kv_layer`, then attends every new token causally to its own
+`meta.slot_mapping` in `kv_layer` (unless `kv_written`: the model's fused RoPE kernel
+already did), then attends every new token causally to its own
 sequence's cached context (see `AttentionMetadata`).
 
 `select_backend` is the only place that chooses: on CUDA with Triton installed, the
@@ -32,6 +33,7 @@ class AttentionBackend(Protocol):
         kv_layer: Tensor,  # [2, num_blocks, block_size, KVH, D]
         meta: AttentionMetadata,
         scale: float,
+        kv_written: bool = False,  # the caller already stored k/v at meta.slot_mapping
     ) -> Tensor:  # [T, H, D]
         ...
 

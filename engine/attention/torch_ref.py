@@ -25,10 +25,18 @@ def write_kv(kv_layer: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> No
 
 
 def attend_torch(
-    q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor, meta: AttentionMetadata, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_layer: Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_written: bool = False,
 ) -> Tensor:
-    """q `[T, H, D]`, k/v `[T, KVH, D]` -> `[T, H, D]`; writes k/v into the cache first."""
-    write_kv(kv_layer, k, v, meta.slot_mapping)
+    """q `[T, H, D]`, k/v `[T, KVH, D]` -> `[T, H, D]`; writes k/v into the cache first
+    unless `kv_written`."""
+    if not kv_written:
+        write_kv(kv_layer, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     attend_prefill(q, k, v, kv_layer, meta, scale, out)
     if meta.decode_seqs:

@@ -19,10 +19,18 @@ from engine.attention.triton_prefill import varlen_paged_attention
 
 
 def attend_triton(
-    q: Tensor, k: Tensor, v: Tensor, kv_layer: Tensor, meta: AttentionMetadata, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_layer: Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_written: bool = False,
 ) -> Tensor:
-    """q `[T, H, D]`, k/v `[T, KVH, D]` -> `[T, H, D]`; writes k/v into the cache first."""
-    write_kv(kv_layer, k, v, meta.slot_mapping)
+    """q `[T, H, D]`, k/v `[T, KVH, D]` -> `[T, H, D]`; writes k/v into the cache first
+    unless `kv_written`."""
+    if not kv_written:
+        write_kv(kv_layer, k, v, meta.slot_mapping)
     if not meta.prefill_seqs:
         # Decode only: sequence s owns token s, so the kernel runs on q as it is.
         return paged_decode_attention(

@@ -8,8 +8,9 @@ what costs. Here each becomes one launch:
 
 - `add_rms_norm(x, residual, weight, eps)`: `residual += x` (rounded to the residual's
   dtype, as torch's `h + x` does), then RMSNorm of the sum; `residual=None` norms `x`.
-- `rope_qk_(q, k, positions, cos, sin)`: rotate-half RoPE applied to q and k in place,
-  cos/sin rows gathered by position inside the kernel.
+- `rope_qk_(q, k, positions, cos, sin, store)`: rotate-half RoPE applied to q and k in
+  place, cos/sin rows gathered by position inside the kernel; with `store`, the rotated
+  k and v are written into the paged KV cache by the same launch.
 - `silu_and_mul(gate_up)`: `silu(gate) * up` for a fused `[T, 2*I]` projection.
 
 Rounding follows the torch code in `engine.model.llama` / `engine.model.rope` at every
@@ -76,10 +77,12 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
+    q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, cache_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+    stride_ckv, stride_cblock, stride_cslot, stride_chead,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    STORE: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
@@ -91,6 +94,13 @@ def _rope_kernel(
     cos = cos.to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
     sin = sin.to(q_ptr.dtype.element_ty).to(tl.float32)[None, :]
     offs_h = tl.arange(0, HEADS_PAD)
+    kv_mask = (offs_h < NUM_K_HEADS)[:, None] & d_mask[None, :]
+    if STORE:  # this token's cache row: [KVH, D] at its slot, keys then (+stride_ckv) values
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        cache_row = (
+            cache_ptr + (slot // BLOCK_SIZE) * stride_cblock + (slot % BLOCK_SIZE) * stride_cslot
+            + offs_h[:, None] * stride_chead + offs_d[None, :]
+        )  # fmt: skip
     for which in tl.static_range(2):
         if which == 0:
             base, stride_t, stride_h, num_heads = q_ptr, stride_qt, stride_qh, NUM_Q_HEADS
@@ -100,15 +110,38 @@ def _rope_kernel(
         ptrs = base + token * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
-        tl.store(ptrs + HALF, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+        o1 = (x1 * cos - x2 * sin).to(base.dtype.element_ty)
+        o2 = (x2 * cos + x1 * sin).to(base.dtype.element_ty)
+        tl.store(ptrs, o1, mask=mask)
+        tl.store(ptrs + HALF, o2, mask=mask)
+        if STORE and which == 1:
+            tl.store(cache_row, o1.to(cache_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(cache_row + HALF, o2.to(cache_ptr.dtype.element_ty), mask=kv_mask)
+    if STORE:
+        v_row = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+        for half in tl.static_range(2):
+            v = tl.load(v_row + half * HALF, mask=kv_mask, other=0.0)
+            tl.store(
+                cache_row + stride_ckv + half * HALF, v.to(cache_ptr.dtype.element_ty),
+                mask=kv_mask,
+            )
 
 
-def rope_qk_(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> None:
+def rope_qk_(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    store: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> None:
     """Rotate q `[T, H, D]` and k `[T, KVH, D]` in place by RoPE at `positions` `[T]`.
 
     cos/sin `[max_pos, D/2]` float32 tables (rotate-half layout). q and k may be strided
     views (e.g. of a fused qkv output) but each head's D values must be contiguous.
+    `store = (v, kv_layer, slot_mapping)` also writes the rotated k and v `[T, KVH, D]`
+    into the paged cache `kv_layer [2, num_blocks, block_size, KVH, D]` at each token's
+    slot, as `engine.attention.write_kv` would: the same launch.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
@@ -116,13 +149,25 @@ def rope_qk_(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) 
         raise ValueError("rope_qk_ needs each head's values contiguous")
     if num_tokens == 0:
         return
+    if store is None:
+        v, cache, slots = k, k, positions  # unused stand-ins (STORE is off)
+        cache_strides = (0, 0, 0, 0)
+        block_size = 1
+    else:
+        v, cache, slots = store
+        if v.stride(2) != 1 or cache.stride(4) != 1 or cache.shape[-2:] != k.shape[1:]:
+            raise ValueError("rope_qk_ store needs contiguous heads and a matching cache")
+        cache_strides = (cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3))
+        block_size = cache.shape[2]
     half = head_dim // 2
     _rope_kernel[(num_tokens,)](
-        q, k, positions, cos, sin,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        q, k, v, positions, slots, cos, sin, cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), *cache_strides,
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads,
         HEADS_PAD=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_SIZE=block_size,
+        STORE=store is not None,
         num_warps=4,
     )  # fmt: skip
 

@@ -115,8 +115,13 @@ class DecoderLayer(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(q, k, positions, in_place=self.fused)
-        attn = attend(q, k, v, kv_layer, meta, self.scale).reshape(num_tokens, self.q_size)
+        if self.fused:  # one launch rotates q/k and stores k/v in the cache
+            rope.rotate_and_store_(q, k, v, positions, kv_layer, meta.slot_mapping)
+            attn = attend(q, k, v, kv_layer, meta, self.scale, kv_written=True)
+        else:
+            q, k = rope(q, k, positions)
+            attn = attend(q, k, v, kv_layer, meta, self.scale)
+        attn = attn.reshape(num_tokens, self.q_size)
         o = F.linear(attn, self.o_proj, self.o_bias)  # [T, hidden]
         if lora is not None:
             lora.apply(layer, "o", attn, o)

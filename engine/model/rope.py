@@ -53,23 +53,30 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(
-        self, q: Tensor, k: Tensor, positions: Tensor, in_place: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """q `[T, H, D]`, k `[T, KVH, D]`, positions `[T]` long -> rotated (q, k), same dtypes.
 
         Like transformers, cos/sin are cast to the activation dtype before the rotation.
-        `in_place` rotates q and k where they are with one Triton launch (CUDA only; see
-        `engine.kernels.fused.rope_qk_`) and returns them.
         """
-        if in_place:
-            from engine.kernels.fused import rope_qk_
-
-            rope_qk_(q, k, positions, self.cos, self.sin)
-            return q, k
         cos = self.cos.index_select(0, positions).to(q.dtype)[:, None, :]  # [T, 1, D/2]
         sin = self.sin.index_select(0, positions).to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+    def rotate_and_store_(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor,
+        kv_layer: Tensor,
+        slot_mapping: Tensor,
+    ) -> None:
+        """Rotates q and k in place and writes k and v into `kv_layer` at `slot_mapping`,
+        in one Triton launch (CUDA only; see `engine.kernels.fused.rope_qk_`)."""
+        from engine.kernels.fused import rope_qk_
+
+        rope_qk_(q, k, positions, self.cos, self.sin, store=(v, kv_layer, slot_mapping))
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.attention import write_kv
 from engine.model.config import ModelConfig
 from engine.model.llama import rms_norm
 from engine.model.rope import RotaryEmbedding
@@ -71,25 +72,30 @@ def test_add_rms_norm_reads_strided_rows() -> None:
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
-def test_rope_in_place_equals_torch(head_dim: int) -> None:
+def test_rope_in_place_and_cache_store_equal_torch(head_dim: int) -> None:
     config = _config(head_dim)
     rope = RotaryEmbedding(config, DEVICE)
     gen = torch.Generator().manual_seed(head_dim)
-    num_tokens = 9
-    # q and k as strided views of one fused qkv row, as the model hands them over.
+    num_tokens, block_size = 9, 4
+    # q, k, v as strided views of one fused qkv row, as the model hands them over.
     qkv = torch.randn(num_tokens, (4 + 2 + 2) * head_dim, generator=gen).to(DEVICE)
     positions = torch.randint(0, 256, (num_tokens,), generator=gen).to(DEVICE)
-    q, k, _ = qkv.split((4 * head_dim, 2 * head_dim, 2 * head_dim), dim=-1)
-    q, k = q.view(num_tokens, 4, head_dim), k.view(num_tokens, 2, head_dim)
+    q, k, v = qkv.split((4 * head_dim, 2 * head_dim, 2 * head_dim), dim=-1)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
     q_ref, k_ref = rope(q.clone(), k.clone(), positions)
-    v_before = qkv[:, 6 * head_dim :].clone()
+    v_before = v.clone()
+    # Shuffled, non-contiguous cache slots; NaN everywhere no token writes.
+    kv_layer = torch.full((2, 8, block_size, 2, head_dim), float("nan"), device=DEVICE)
+    slots = torch.randperm(8 * block_size, generator=gen)[:num_tokens].to(DEVICE)
+    expected = kv_layer.clone()
+    write_kv(expected, k_ref, v_before, slots)
 
-    q_out, k_out = rope(q, k, positions, in_place=True)
+    rope.rotate_and_store_(q, k, v, positions, kv_layer, slots)
 
-    torch.testing.assert_close(q_out, q_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k_out, k_ref, rtol=1e-5, atol=1e-5)
-    assert q_out.data_ptr() == q.data_ptr()  # rotated where it was
-    assert torch.equal(qkv[:, 6 * head_dim :], v_before)  # v untouched
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)  # rotated where it was
+    assert torch.equal(v, v_before)
+    torch.testing.assert_close(kv_layer, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("inter", [48, 1536])  # 1536: more than one column block
@@ -156,6 +162,10 @@ def test_fused_kernels_in_bf16_at_llama_8b_shapes() -> None:
     q, k, _ = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
     q, k = q.view(t, heads, dim), k.view(t, kv_heads, dim)
     q_ref, k_ref = rope(q.clone(), k.clone(), positions)
-    rope(q, k, positions, in_place=True)
+    kv_layer = torch.zeros(2, t, 16, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+    slots = torch.arange(t, device="cuda") * 16  # the first slot of block t
+    v = qkv[:, (heads + kv_heads) * dim :].view(t, kv_heads, dim)
+    rope.rotate_and_store_(q, k, v, positions, kv_layer, slots)
+    assert torch.equal(kv_layer[0, :, 0], k) and torch.equal(kv_layer[1, :, 0], v)
     torch.testing.assert_close(q, q_ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(k, k_ref, rtol=2e-2, atol=2e-2)
