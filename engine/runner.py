@@ -10,6 +10,7 @@ while the GPU computes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.llama import LlamaModel
 from engine.sampling import SamplingParams, sample_tokens
-from engine.scheduler import ScheduledBatch
+from engine.scheduler import ScheduledBatch, ScheduledSeq
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,41 @@ class ModelRunner:
         done = torch.cuda.Event()
         done.record()
         return PendingStep(request_ids, host, done)
+
+    def warm_up(self, pad_block: int) -> float:
+        """Runs eager steps of every shape class the Triton kernels specialise on (token
+        tiles of 16/32/64 rows, split and unsplit LoRA reductions, each rank bucket up to
+        the pool's), so that no request waits on a JIT compile. Tokens write only into
+        `pad_block` (scratch the scheduler never hands out); slots keep their zeros, so
+        the LoRA kernels run at full rank and add nothing. Returns the seconds taken."""
+        start = time.perf_counter()
+        pool = self.lora_pool
+        ranks = [0]
+        if pool is not None:
+            ranks = [r for r in (16, 32, 64, 128, 256) if r <= pool.max_rank] or [pool.max_rank]
+        saved = pool.slot_ranks.clone() if pool is not None else None
+        block = self.kv_cache.block_size
+        num_slots = pool.max_loras if pool is not None else 1
+
+        def seq(index: int, length: int, slot: int) -> ScheduledSeq:
+            table = (pad_block,) * -(-length // block)
+            return ScheduledSeq(f"warm-up-{index}", (0,) * length, 0, table, slot, True)
+
+        try:
+            for rank in ranks:
+                if pool is not None:
+                    pool.slot_ranks.fill_(rank)
+                slot = 0 if rank else -1
+                shapes = [[seq(0, n, slot), seq(1, 1, -1)] for n in (1, 20, 100)]
+                shapes.append([seq(i, 128, i % num_slots if rank else -1) for i in range(32)])
+                for seqs in shapes:
+                    params = [SamplingParams(temperature=0.0)] * len(seqs)
+                    generators = [torch.Generator() for _ in seqs]
+                    self.execute(ScheduledBatch(tuple(seqs), (), ()), params, generators)
+        finally:
+            if pool is not None and saved is not None:
+                pool.slot_ranks.copy_(saved)
+        return time.perf_counter() - start
 
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """The eager forward: logits `[num_sampled, vocab]` float32 of the rows that sample."""

@@ -30,7 +30,9 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 16
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on: else each new value class
+# (1, a multiple of 16, other) compiles another variant while requests wait.
+@triton.jit(do_not_specialize=['stride_tb'])
 def _paged_decode_kernel(
     q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,

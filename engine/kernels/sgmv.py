@@ -51,7 +51,9 @@ def _tile_segment(
     return seg, row0, tl.sum(tl.where(pick, ends, 0), axis=0)
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on: else each new value class
+# (1, a multiple of 16, other) compiles another variant while requests wait.
+@triton.jit(do_not_specialize=['num_segments', 'num_splits'])
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     sorted_ids_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, num_segments,
@@ -109,7 +111,9 @@ def _sgmv_shrink_kernel(
         tl.store(h_ptrs, acc, mask=mask)
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on: else each new value class
+# (1, a multiple of 16, other) compiles another variant while requests wait.
+@triton.jit(do_not_specialize=['num_segments'])
 def _sgmv_expand_kernel(
     h_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, num_segments,
@@ -163,6 +167,12 @@ def _block_m(meta: LoraKernelMeta, device: torch.device) -> int:
     if device.type != "cuda":
         return 32
     return min(64, next_pow2(meta.max_seg_len))
+
+
+def seg_pad(meta: LoraKernelMeta) -> int:
+    """The segment-table width the kernels scan: sized by the pool, not the batch, so
+    that the count of adapters in a step never selects (and compiles) a new variant."""
+    return max(2, next_pow2(meta.num_slots))
 
 
 def num_tiles(meta: LoraKernelMeta, block_m: int) -> int:
@@ -234,7 +244,7 @@ def sgmv_shrink(
         *lora_a.stride(),
         *h.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ATOMIC=split_k > 1,
-        DOT_PRECISION=dot_precision(x.dtype), SEG_PAD=next_pow2(meta.num_segments),
+        DOT_PRECISION=dot_precision(x.dtype), SEG_PAD=seg_pad(meta),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if x.is_cuda else 1,
     )  # fmt: skip
 
@@ -268,6 +278,6 @@ def sgmv_expand(
         out.stride(0), out.stride(1),
         N_SLICES=len(slice_offsets) - 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_k, DOT_PRECISION=dot_precision(out.dtype),
-        SEG_PAD=next_pow2(meta.num_segments),
+        SEG_PAD=seg_pad(meta),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if out.is_cuda else 1,
     )  # fmt: skip

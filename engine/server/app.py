@@ -164,11 +164,14 @@ def build_engine(
             lora_graphs=lora_backend == "triton",
         )
         graphs.capture()  # at start, so no request waits on a capture
+    runner = ModelRunner(model, kv_cache, pool, lora_backend, graphs)
+    if use_graphs:  # CUDA: compile the eager path's kernel variants before serving too
+        log.info("warmed up the eager path in %.1f s", runner.warm_up(kv_cache.num_blocks - 1))
     metrics = EngineMetrics()
     metrics.watch(scheduler, adapters)
     engine = Engine(
         scheduler,
-        ModelRunner(model, kv_cache, pool, lora_backend, graphs),
+        runner,
         tokenizer,
         adapter_weights=adapters.weights,
         release_adapter=adapters.release,

@@ -195,3 +195,23 @@ def test_graph_forward_matches_eager_on_cpu(tiny_setup) -> None:
         torch.testing.assert_close(logits[: len(slots)], expected, atol=1e-4, rtol=1e-4)
         tokens = logits[: len(slots)].argmax(-1).tolist()
         driver.done(batch, {s.request_id: t for s, t in zip(batch.seqs, tokens, strict=True)})
+
+
+def test_warm_up_runs_every_shape_class_and_leaves_no_trace(tiny_llama31_path) -> None:
+    """The start-up warm-up drives real eager steps through the pad block only: the pool's
+    slot ranks come back as they were and no other KV block is written."""
+    from engine.kv_cache import KVCache
+    from engine.lora.slot_pool import LoraSlotPool
+    from engine.model.loader import load_model
+    from engine.runner import ModelRunner
+
+    model = load_model(tiny_llama31_path, torch.float32, "cpu")
+    cache = KVCache(model.config, 8, 16, torch.float32, "cpu")
+    pool = LoraSlotPool(model.config, max_loras=4, max_rank=32, dtype=torch.float32, device="cpu")
+    pool.slot_ranks[1] = 8
+    runner = ModelRunner(model, cache, pool, "torch")  # the GPU bench runs the Triton path
+    runner.warm_up(pad_block=7)
+    assert pool.slot_ranks.tolist() == [0, 8, 0, 0]
+    for layer in cache.layers:
+        assert not layer[:, :7].any()  # only block 7 was touched
+        assert layer[:, 7].any()
