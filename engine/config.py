@@ -23,8 +23,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     # Prompt tokens a step may carry while other sequences decode: bounds the time
-    # between tokens of running streams when new requests arrive.
-    max_mixed_prefill_tokens: int = 512
+    # between tokens of running streams when new requests arrive. 2048, not less: on
+    # an H200 a mixed step of an 8B model costs ~60 ms whether it carries 512 or 2048
+    # prompt tokens (host-bound, bench/results/serving_h200.md), so W2 ran 1.6x faster.
+    max_mixed_prefill_tokens: int = 2048
     max_wait_steps: int = 200  # steps a request may wait before it goes first in line
     max_num_waiting: int = 1024  # beyond this Generate answers RESOURCE_EXHAUSTED
     default_max_new_tokens: int = 256

@@ -62,7 +62,7 @@ class SchedulerConfig:
     num_blocks: int
     max_loras: int
     # Prompt tokens a step may carry beside decode tokens (see the module docstring).
-    max_mixed_prefill_tokens: int = 512
+    max_mixed_prefill_tokens: int = 2048
     # schedule() calls a request may wait before it goes first in line.
     max_wait_steps: int = 200
 
