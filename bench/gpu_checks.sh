@@ -3,7 +3,7 @@
 # one JSON per benchmark (the device tool brings back at most 8 files).
 # Usage (on the GPU machine, repo root): bash bench/gpu_checks.sh [BASELINE_CHECKOUT]
 # Needs the wheels the GPU image lacks in .whl/ (grpcio-health-checking,
-# grpcio-reflection, sqlalchemy, greenlet) and the SmolLM2 tokenizer files in
+# grpcio-reflection, sqlalchemy, greenlet, google-re2) and the SmolLM2 tokenizer files in
 # .gpu_assets/tokenizer (the image has no gguf to convert the default model).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}

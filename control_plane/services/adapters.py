@@ -194,7 +194,13 @@ def _validated(
     try:
         model_config = parse_model_config(raw_config, name=base_model)
         return validate_adapter_header(folder, model_config, max_rank, compute_sha256=True)
-    except (AdapterFormatError, ModelFormatError) as exc:
+    except AdapterFormatError as exc:
+        if exc.reason == "bad_pattern":  # unsafe whatever the base model: bad input
+            raise invalid(f"adapter {folder} cannot be registered: {exc}") from exc
+        raise precondition(
+            f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
+        ) from exc
+    except ModelFormatError as exc:
         raise precondition(
             f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
         ) from exc

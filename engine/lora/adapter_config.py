@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.lora import patterns
 from engine.lora.errors import AdapterFormatError
 from engine.model.config import PROJECTIONS
 
@@ -45,7 +45,7 @@ class LoraAdapterConfig:
         """Whether PEFT would put a LoRA layer on `module_name` (full name in the model)."""
         if self.exclude_modules:
             if isinstance(self.exclude_modules, str):
-                if re.fullmatch(self.exclude_modules, module_name):
+                if patterns.fullmatch(self.exclude_modules, module_name, "exclude_modules"):
                     return False
             elif any(_name_matches(k, module_name) for k in self.exclude_modules):
                 return False
@@ -54,7 +54,7 @@ class LoraAdapterConfig:
             # the output head, and full names bypass `layers_to_transform`.
             return module_name.rsplit(".", 1)[-1] in PROJECTIONS
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module_name) is not None
+            return patterns.fullmatch(self.target_modules, module_name, "target_modules")
         if module_name in self.target_modules:
             return True
         if not any(module_name.endswith(f".{t}") for t in self.target_modules):
@@ -145,11 +145,33 @@ def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
         alpha_pattern=_pattern(raw.get("alpha_pattern"), "alpha_pattern", float),
         base_model_name_or_path=str(raw.get("base_model_name_or_path") or ""),
     )
+    _check_patterns(config)
     if isinstance(config.target_modules, str) and config.target_modules != _ALL_LINEAR:
         for probe in _NON_PROJECTION_PROBES:
             if config.targets(probe):
                 raise _non_projection_error(probe)
     return config
+
+
+def _check_patterns(config: LoraAdapterConfig) -> None:
+    """Compile every pattern now, so a bad one is refused when the adapter is registered
+    or loaded rather than when a module name first meets it."""
+    if isinstance(config.target_modules, str) and config.target_modules != _ALL_LINEAR:
+        patterns.compile_pattern(config.target_modules, "target_modules")
+    if isinstance(config.exclude_modules, str):
+        patterns.compile_pattern(config.exclude_modules, "exclude_modules")
+    keyed = (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
+    for field, by_key in keyed:
+        if len(by_key) > patterns.MAX_PATTERN_KEYS:
+            raise AdapterFormatError(
+                "bad_pattern",
+                f"adapter_config.json: {field} has {len(by_key)} entries; at most "
+                f"{patterns.MAX_PATTERN_KEYS} are accepted",
+            )
+        for key in by_key:
+            patterns.compile_pattern(rf"(.*\.)?({key})$", f"{field} key {key!r}")
+    for pattern in config.layers_pattern:
+        patterns.compile_pattern(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", "layers_pattern")
 
 
 def _refuse_options(raw: dict[str, Any]) -> None:
@@ -248,10 +270,10 @@ def _name_matches(key: str, module_name: str) -> bool:
     return module_name == key or module_name.endswith(f".{key}")
 
 
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+def _pattern_key(by_key: dict[str, Any], module_name: str) -> str | None:
     # PEFT: the first key (in file order) that matches as a regex on a dotted suffix.
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+    for key in by_key:
+        if patterns.match(rf"(.*\.)?({key})$", module_name, f"pattern key {key!r}"):
             return key
     return None
 
@@ -259,11 +281,13 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 def _layer_index(module_name: str, layers_pattern: tuple[str, ...]) -> int | None:
     # PEFT takes the first numbered segment after a `<pattern>.` (any segment if unset).
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+        match = patterns.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name, "layers_pattern")
     else:
         match = None
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+            match = patterns.match(
+                rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name, "layers_pattern"
+            )
             if match is not None:
                 break
     return int(match.group("idx")) if match else None

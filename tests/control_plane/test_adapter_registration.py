@@ -139,3 +139,24 @@ def test_quota_says_how_to_free_a_place_and_retiring_does(
         ),
     )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_unsafe_regex_in_the_config_is_invalid_argument(
+    with_base: Client, adapter_root: Path, good_adapter: Path, tmp_path: Path
+) -> None:
+    """adapter_config.json is untrusted: a pattern that needs backtracking is refused with
+    a sentence (it used to answer INTERNAL), and the server keeps registering others."""
+    import json
+
+    hostile = adapter_root / f"hostile-{tmp_path.name}"
+    shutil.copytree(good_adapter, hostile)
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    config["target_modules"] = r"(\w+)\1_proj"
+    (hostile / "adapter_config.json").write_text(json.dumps(config))
+    request = pb.RegisterAdapterRequest(
+        tenant="acme", name="hostile", uri=str(hostile), base_model=BASE
+    )
+    code, details = code_of(with_base.RegisterAdapter, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "target_modules" in details and "list the module names instead" in details
+    assert register(with_base, "fine", good_adapter).version == 1

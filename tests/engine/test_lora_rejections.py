@@ -176,6 +176,31 @@ CASES: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...], bool]] = {
         (Q_A, "Inf"),
         False,
     ),
+    # Hostile patterns: refused at once, never run by a backtracking engine.
+    "backtracking_target": (
+        lambda d: edit_config(d, target_modules="(" + "a*" * 30 + ")+$(?<=b)"),
+        "bad_pattern",
+        ("target_modules", "list the module names instead"),
+        True,
+    ),
+    "backreference_exclude": (
+        lambda d: edit_config(d, exclude_modules=r"(q)\1_proj"),
+        "bad_pattern",
+        ("exclude_modules",),
+        True,
+    ),
+    "invalid_rank_pattern_key": (
+        lambda d: edit_config(d, rank_pattern={"q_proj[": 4}),
+        "bad_pattern",
+        ("rank_pattern",),
+        True,
+    ),
+    "huge_pattern": (
+        lambda d: edit_config(d, target_modules="q" * 5000),
+        "bad_pattern",
+        ("5000-character",),
+        True,
+    ),
     "int_dtype": (
         lambda d: edit_tensors(d, lambda t: t.update({Q_A: t[Q_A].to(torch.int32)})),
         "unsupported_dtype",
@@ -313,3 +338,30 @@ def test_other_base_model_is_refused(
         assert exc.value.reason == reason, str(exc.value)
         for substring in substrings:
             assert substring in str(exc.value)
+
+
+def test_a_catastrophic_regex_is_matched_in_linear_time_or_not_at_all() -> None:
+    """`(a+)+$`-style targets are valid RE2, so they are matched, not refused; RE2 answers
+    at once where Python's re would backtrack for hours on such a name."""
+    from engine.lora.adapter_config import parse_adapter_config
+
+    config = parse_adapter_config({"r": 4, "target_modules": r"(.*\.)*(q+)+_proj"})
+    assert config.targets("model.layers.0.self_attn.q_proj")
+    assert not config.targets("model.layers.0.self_attn." + "q" * 5000 + "x_proj")
+
+
+def test_regex_targets_and_patterns_match_as_peft_does() -> None:
+    from engine.lora.adapter_config import parse_adapter_config
+
+    config = parse_adapter_config(
+        {
+            "r": 8,
+            "target_modules": r".*\.(q_proj|down_proj)",
+            "rank_pattern": {"layers\\.1\\.self_attn\\.q_proj": 2},
+            "layers_pattern": "layers",
+        }
+    )
+    assert config.targets("model.layers.1.self_attn.q_proj")
+    assert not config.targets("model.layers.1.self_attn.k_proj")
+    assert config.rank_for("model.layers.1.self_attn.q_proj") == 2
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 8

@@ -216,3 +216,31 @@ def test_if_the_loop_dies_every_request_still_gets_a_final_message(tiny_llama31_
             running.generate(ids_request([5, 6], 3))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
+
+
+def test_a_hostile_pattern_in_load_adapter_is_refused_and_streams_go_on(
+    tiny_llama31_path, tmp_path
+):
+    """LoadAdapter with a backtracking `target_modules` answers INVALID_ARGUMENT with a
+    sentence while another tenant's stream keeps going (it used to hold the interpreter
+    for seconds, or hours, and answer UNKNOWN for an invalid pattern)."""
+    import json
+
+    hostile = make_peft_adapter(
+        tiny_llama31_path, tmp_path / "hostile", r=4, alpha=8, target_modules=["q_proj"], seed=2
+    )
+    config_path = hostile / "adapter_config.json"
+    raw = json.loads(config_path.read_text())
+    raw["target_modules"] = "(" + "a*" * 40 + r")+\1"
+    config_path.write_text(json.dumps(raw))
+    with running_engine(config_for(tiny_llama31_path)) as running:
+        stream = running.inference.Generate(ids_request([5, 6, 7], 30))
+        first = next(stream)
+        with pytest.raises(grpc.RpcError) as caught:
+            request = admin_pb.LoadAdapterRequest(adapter_id="h", path=str(hostile))
+            running.admin.LoadAdapter(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "list the module names instead" in caught.value.details()
+        rest = list(stream)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 30
+        assert rest[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
