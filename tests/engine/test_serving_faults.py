@@ -244,3 +244,26 @@ def test_a_hostile_pattern_in_load_adapter_is_refused_and_streams_go_on(
         rest = list(stream)
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 30
         assert rest[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+
+
+def test_paths_that_cannot_hold_an_adapter_are_refused_cleanly(tiny_llama31_path, tmp_path):
+    """A NUL byte, a system folder, a FIFO in place of a file: INVALID_ARGUMENT with a
+    sentence, at once (a FIFO used to block the load forever; NUL answered UNKNOWN)."""
+    import os
+
+    fifo_adapter = make_peft_adapter(
+        tiny_llama31_path, tmp_path / "fifo", r=4, alpha=8, target_modules=["q_proj"], seed=3
+    )
+    (fifo_adapter / "adapter_model.safetensors").unlink()
+    os.mkfifo(fifo_adapter / "adapter_model.safetensors")
+    cases = [("\x00", "NUL byte"), ("/proc/self", "system folder"),
+             (str(fifo_adapter), "not a regular file")]  # fmt: skip
+    with running_engine(config_for(tiny_llama31_path)) as running:
+        for path, words in cases:
+            with pytest.raises(grpc.RpcError) as caught:
+                running.admin.LoadAdapter(
+                    admin_pb.LoadAdapterRequest(adapter_id="x", path=path), timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+            assert words in caught.value.details(), caught.value.details()
+        assert running.generate(ids_request([5, 6], 3)).completion_tokens == 3
