@@ -19,7 +19,11 @@ from pathlib import Path
 from engine.lora.errors import AdapterFormatError
 
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # floats are all LoRA weights can be
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+# LoRA headers hold ~150 bytes per tensor and two tensors per targeted module: a few
+# hundred KB even for a 100-layer model. Far below the library's own 100 MB, so a hostile
+# file cannot make a load parse a huge JSON document.
+_MAX_HEADER_BYTES = 8 * 1024 * 1024
+_MAX_TENSORS = 16384
 
 
 @dataclass(frozen=True)
@@ -56,18 +60,20 @@ def parse_header(
     byte `data_start` of the file."""
     try:
         raw = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _corrupt(path, f"its header is not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise _corrupt(path, "its header is not a JSON object")
     raw.pop("__metadata__", None)
+    if len(raw) > _MAX_TENSORS:
+        raise _corrupt(path, f"its header lists {len(raw)} tensors; a LoRA adapter has fewer")
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in raw.items():
         try:
             dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_count(d) for d in entry["shape"])
+            begin, end = (_count(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise _corrupt(path, f"its header entry for {name!r} is malformed") from exc
         if dtype not in _DTYPE_SIZES:
@@ -75,7 +81,7 @@ def parse_header(
                 "unsupported_dtype",
                 f"tensor {name} in {path} has dtype {dtype}; LoRA weights must be F32, F16 or BF16",
             )
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
+        if end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
             raise _corrupt(path, f"the byte range of tensor {name} does not match its shape")
         tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape, offset=data_start + begin)
         spans.append((begin, end, name))
@@ -93,6 +99,14 @@ def parse_header(
     if position != data_len:
         raise _corrupt(path, f"it has {data_len - position} trailing bytes after the tensor data")
     return tensors
+
+
+def _count(value: object) -> int:
+    """A JSON integer that can size or place bytes of a file: not a bool, a float (such
+    as Infinity), negative, or beyond what a file can hold. ValueError otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ValueError(f"{value!r} is not a byte count or dimension")
+    return value
 
 
 def _check_header_len(path: Path, prefix: bytes, file_size: int) -> int:

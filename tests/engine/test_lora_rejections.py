@@ -66,6 +66,26 @@ def set_value(name: str, value: float) -> Callable[[dict[str, torch.Tensor]], No
     return edit
 
 
+def edit_header(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Rewrite the safetensors header's JSON (the tensor data stays as it is)."""
+
+    def mutate(folder: Path) -> None:
+        path = folder / WEIGHTS
+        data = path.read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        edit(header)
+        text = json.dumps(header).encode()  # allow_nan: writes Infinity as given
+        path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
+
+    return mutate
+
+
+def huge_header(folder: Path) -> None:
+    path = folder / WEIGHTS
+    path.write_bytes((64 * 1024 * 1024).to_bytes(8, "little") + b" " * (64 * 1024 * 1024))
+
+
 def truncate(folder: Path) -> None:
     path = folder / WEIGHTS
     path.write_bytes(path.read_bytes()[:-100])
@@ -201,6 +221,25 @@ CASES: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...], bool]] = {
         ("5000-character",),
         True,
     ),
+    "infinite_shape": (
+        edit_header(lambda h: h[Q_A].update(shape=[float("inf"), 64])),
+        "corrupt_weights",
+        (Q_A, "malformed"),
+        True,
+    ),
+    "huge_offset": (
+        edit_header(lambda h: h[Q_A].update(data_offsets=[0, 10**40])),
+        "corrupt_weights",
+        (Q_A, "malformed"),
+        True,
+    ),
+    "float_dimension": (
+        edit_header(lambda h: h[Q_A].update(shape=[4.5, 64])),
+        "corrupt_weights",
+        ("malformed",),
+        True,
+    ),
+    "huge_header": (huge_header, "corrupt_weights", ("implausible",), True),
     "int_dtype": (
         lambda d: edit_tensors(d, lambda t: t.update({Q_A: t[Q_A].to(torch.int32)})),
         "unsupported_dtype",
