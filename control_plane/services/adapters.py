@@ -158,6 +158,7 @@ class AdapterService:
         self, tenant_name: str, name: str, version: int, actor: str
     ) -> tuple[list[VersionRecord], AdapterRecord]:
         """Retire one version (0: all); the alias moves to the newest remaining active one."""
+        check_count("version", version)
         now = self._ctx.clock()
         with self._ctx.sessions.begin() as session:
             tenant, adapter = _require_adapter(session, tenant_name, name, for_update=True)
@@ -247,8 +248,9 @@ def _require_adapter(
 def _decode_token(token: str) -> int:
     if not token:
         return 0
-    if token.startswith("a") and token[1:].isdigit():
-        return int(token[1:])
+    digits = token[1:]
+    if token.startswith("a") and digits.isascii() and digits.isdigit() and len(digits) <= 10:
+        return int(digits)
     raise invalid("page_token is invalid; pass the next_page_token of a previous answer")
 
 

@@ -29,7 +29,9 @@ _COUNT_FACTS = (
     "waiting_requests",
     "num_adapters",
 )
-_ADAPTER_REF = re.compile(r"^(?P<tenant>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<version>\d+))?$")
+_ADAPTER_REF = re.compile(
+    r"^(?P<tenant>[^/@]+)/(?P<name>[^/@]+)(?:@(?P<version>[0-9]+))?$", re.ASCII
+)
 
 
 class EngineService:
@@ -80,6 +82,7 @@ class EngineService:
         self, engine_id: int, boot_id: str, facts: EngineFacts, key_usage: dict[str, datetime]
     ) -> None:
         """NOT_FOUND / FAILED_PRECONDITION tell the engine to register again."""
+        check_count("engine_id", engine_id)
         check_text("boot_id", boot_id, Engine.boot_id)
         _check_facts(facts)
         for key_id in key_usage:
@@ -143,6 +146,8 @@ class EngineService:
         tenant_name, name = match["tenant"], match["name"]
         check_tenant_name(tenant_name)
         check_adapter_name(name)
+        if match["version"] is not None:  # the column is 32-bit: say so, do not overflow
+            check_count(f"the version in {ref!r}", int(match["version"]))
         if caller_tenant is not None and caller_tenant != tenant_name:
             raise ServiceError(
                 ErrorCode.PERMISSION_DENIED,

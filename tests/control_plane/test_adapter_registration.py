@@ -160,3 +160,34 @@ def test_an_unsafe_regex_in_the_config_is_invalid_argument(
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "target_modules" in details and "list the module names instead" in details
     assert register(with_base, "fine", good_adapter).version == 1
+
+
+def test_numbers_beyond_the_columns_are_invalid_argument_not_internal(
+    with_base: Client, good_adapter: Path
+) -> None:
+    """Versions past 32 bits, engine ids past 64, page tokens with non-ASCII digits: each
+    is INVALID_ARGUMENT with a sentence (they reached SQL and answered INTERNAL)."""
+    from loraplex.v1 import engine_admin_pb2 as admin_pb
+
+    register(with_base, "a", good_adapter)
+    calls = [
+        (with_base.ResolveAdapter, pb.ResolveAdapterRequest(adapter="acme/a@999999999999"),
+         "999999999999"),
+        (with_base.ResolveAdapter, pb.ResolveAdapterRequest(adapter="acme/a@\u0661"),
+         "expected 'tenant/name"),
+        (with_base.RetireAdapter,
+         pb.RetireAdapterRequest(tenant="acme", name="a", version=3_000_000_000), "version"),
+        (with_base.ListAdapters,
+         pb.ListTenantAdaptersRequest(tenant="acme", page_token="a\u0661\u0662"), "page_token"),
+        (with_base.ListAdapters,
+         pb.ListTenantAdaptersRequest(tenant="acme", page_token="a" + "9" * 30), "page_token"),
+        (with_base.Heartbeat,
+         pb.HeartbeatRequest(engine_id=2**63 + 5, boot_id="b",
+                             info=admin_pb.EngineInfo(boot_id="b", model_fingerprint="f")),
+         "engine_id"),
+    ]  # fmt: skip
+    for call, request, words in calls:
+        code, details = code_of(call, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (request, details)
+        assert words in details, details
+    assert with_base.ResolveAdapter(pb.ResolveAdapterRequest(adapter="acme/a@1")).adapter_id
