@@ -10,6 +10,7 @@ A client that goes away aborts its request at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import NoReturn
 
@@ -30,6 +31,8 @@ from engine.server.streams import OutputMailbox, OutputStream, merge
 from engine.server.validation import InvalidRequest, RequestLimits, to_engine_request
 from engine.tokenizer import Tokenizer
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 _FINISH = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -141,12 +144,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return  # and it stays there now that this request holds it
         try:
             await asyncio.to_thread(self._adapters.weights, adapter_id)
-        except (AdapterFormatError, OSError) as exc:
+        except (AdapterFormatError, OSError):
             self._adapters.release(adapter_id)
+            # The reason names server paths: it goes to the log, not to the caller.
+            log.exception("adapter %s could not be read", adapter_id)
             await self._refuse(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
-                f"adapter {adapter_id!r} cannot be read from this engine's disk ({exc}); "
+                f"adapter {adapter_id!r} cannot be read from this engine's disk; "
                 "retry on another engine",
             )
         except BaseException:  # cancelled before the engine loop owns the request
@@ -163,25 +168,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await self._refuse(context, exc.code, str(exc))
 
     async def _resolve_adapter(self, name: str, tenant: str | None, context) -> str | None:
+        """The id of the adapter `name` names for this caller. With an API key, another
+        tenant's adapter, a missing one and an evicted one get the same sentence: a
+        tenant must not learn what other tenants have or had."""
         if not name:
             return None
+        unknown = (
+            f"adapter {name!r} is not available to tenant {tenant!r} on this engine; check "
+            "the name, or ask the control plane's ResolveAdapter where it is served"
+        )
         try:
             record = await self._resolve_when_loaded(name, context)
         except AdapterNotFoundError as exc:
-            await self._refuse(context, grpc.StatusCode.NOT_FOUND, f"{exc}; check the name")
+            await self._refuse(
+                context, grpc.StatusCode.NOT_FOUND, unknown if tenant else f"{exc}; check the name"
+            )
         except AdapterEvictingError:
-            await self._refuse(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"adapter {name!r} is being evicted from this engine and takes no new requests",
-            )
-        if tenant is not None and record.tenant and record.tenant != tenant:
-            await self._refuse(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"adapter {name!r} belongs to another tenant; your key may use only "
-                f"tenant {tenant!r}'s adapters and the base model",
-            )
+            evicting = f"adapter {name!r} is being evicted from this engine (no new requests)"
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND, unknown if tenant else evicting)
+        # With keys, an adapter without a tenant (loaded from --adapter-dir) is nobody's.
+        if tenant is not None and record.tenant != tenant:
+            await self._refuse(context, grpc.StatusCode.NOT_FOUND, unknown)
         return record.adapter_id
 
     async def _resolve_when_loaded(self, name: str, context) -> AdapterRecord:

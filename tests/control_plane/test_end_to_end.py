@@ -139,7 +139,7 @@ def test_end_to_end(  # noqa: PLR0915 - one story, told in order
     assert wait_for(lambda: refusal(a_address, "acme/support", acme.api_key) is None, 5,
                     "the key on the engine") is True
     assert generate(a_address, "acme/support@1", acme.api_key)
-    assert refusal(a_address, "acme/support", globex) == grpc.StatusCode.PERMISSION_DENIED
+    assert refusal(a_address, "acme/support", globex) == grpc.StatusCode.NOT_FOUND
     assert generate(a_address, "", globex)  # the base model is everyone's
 
     # Revoke -> refused within 5 s.
