@@ -29,6 +29,7 @@ class EngineConfig:
     max_mixed_prefill_tokens: int = 2048
     max_wait_steps: int = 200  # steps a request may wait before it goes first in line
     max_num_waiting: int = 1024  # beyond this Generate answers RESOURCE_EXHAUSTED
+    max_tenant_requests: int = 256  # in flight per tenant key, so no tenant fills the queue
     default_max_new_tokens: int = 256
     # Adapter slots on the device; 0 = auto (sized from free device memory, 8 on the CPU:
     # engine.server.app._num_lora_slots).

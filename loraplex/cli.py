@@ -79,6 +79,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_mixed_prefill_tokens=args.max_mixed_prefill_tokens,
         max_wait_steps=args.max_wait_steps,
         max_num_waiting=args.max_num_waiting,
+        max_tenant_requests=args.max_requests_per_tenant,
         default_max_new_tokens=args.default_max_new_tokens,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
@@ -177,6 +178,13 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1024,
         help="queued requests beyond which Generate answers RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--max-requests-per-tenant",
+        type=int,
+        default=EngineConfig.max_tenant_requests,
+        help="requests one tenant's keys may have queued or running; beyond it Generate "
+        "answers RESOURCE_EXHAUSTED (other tenants are unaffected)",
     )
     serve.add_argument("--default-max-new-tokens", type=int, default=256)
     serve.add_argument(

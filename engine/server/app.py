@@ -264,6 +264,7 @@ async def serve(
             parts.keys,
             parts.metrics,
             max_waiting=config.max_num_waiting,
+            max_tenant_requests=config.max_tenant_requests,
             adapter_wait_s=config.adapter_wait_s,
         ),
         server,

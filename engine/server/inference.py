@@ -10,8 +10,10 @@ A client that goes away aborts its request at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections import Counter
 from typing import NoReturn
 
 import grpc
@@ -24,7 +26,7 @@ from engine.lora.errors import (
     AdapterNotFoundError,
 )
 from engine.lora.registry import AdapterRecord, AdapterRegistry
-from engine.metrics import EngineMetrics
+from engine.metrics import EngineMetrics, RequestTimer
 from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
 from engine.server.streams import OutputMailbox, OutputStream, merge
@@ -54,8 +56,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         metrics: EngineMetrics | None = None,  # default: the engine's
         max_waiting: int = 1024,
         adapter_wait_s: float = 30.0,  # for an adapter still being preloaded
+        max_tenant_requests: int = 256,  # in flight (queued or running) per tenant key
     ) -> None:
         self._max_waiting = max_waiting
+        self._max_tenant_requests = max_tenant_requests
+        self._tenant_requests: Counter[str] = Counter()  # calls in flight per tenant
         self._adapter_wait_s = adapter_wait_s
         self._mailbox: OutputMailbox | None = None  # bound to the asyncio loop on first use
         self._admitting = 0  # calls past the queue check, not yet submitted
@@ -75,6 +80,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 "this engine's loop has stopped; use another engine",
             )
         tenant = await self._authenticate(context)
+        if tenant is not None and self._tenant_requests[tenant] >= self._max_tenant_requests:
+            # One tenant's burst must not fill the queue every tenant shares.
+            await self._refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tenant {tenant!r} already has {self._max_tenant_requests} requests in flight "
+                "on this engine; retry when some have finished",
+            )
         # Calls still being prepared count against the cap too, so a burst cannot slip
         # past it before any of them reaches the queue.
         if self._engine.num_queued + self._admitting >= self._max_waiting:
@@ -85,6 +98,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 "retry later or on another engine",
             )
         self._admitting += 1
+        if tenant is not None:
+            self._tenant_requests[tenant] += 1
+        try:
+            # aclosing: a call that goes away closes the inner stream now (its abort runs
+            # within a step), not whenever the generator happens to be collected.
+            async with contextlib.aclosing(self._stream(request, tenant, context, timer)) as out:
+                async for response in out:
+                    yield response
+        finally:
+            if tenant is not None:
+                self._tenant_requests[tenant] -= 1
+
+    async def _stream(self, request: inference_pb2.GenerateRequest, tenant: str | None,
+                      context, timer: RequestTimer):  # fmt: skip
+        """Prepares the call, submits it to the engine loop and yields its responses;
+        a call that goes away before its last response aborts its request."""
         try:
             engine_request, request_id = await self._prepare(request, tenant, context)
             if self._mailbox is None:

@@ -55,3 +55,58 @@ def test_other_tenants_adapters_missing_and_evicted_ones_look_the_same(
         assert len(sentences) == 1, sentences
         globex = [("authorization", f"Bearer {keys['globex'][2]}")]
         assert running.generate(_request("globex-g"), metadata=globex).completion_tokens == 3
+
+
+def test_one_tenants_burst_is_capped_and_other_tenants_still_get_in(
+    tiny_llama31_path,
+) -> None:
+    """With a cap of 2 requests per tenant, acme's burst of 6 long streams gets 4
+    RESOURCE_EXHAUSTED refusals with a sentence; globex is served meanwhile, and acme
+    gets in again once its streams are done."""
+    import threading
+
+    keys = {tenant: new_key() for tenant in ("acme", "globex")}
+    config = EngineConfig(
+        model_path=tiny_llama31_path, port=0, kv_cache_tokens=1024, max_tenant_requests=2
+    )
+    with running_engine(config) as running:
+        entries = [
+            admin_pb.ApiKeyEntry(key_id=key_id, secret_hash=hash_secret(secret), tenant=tenant)
+            for tenant, (key_id, secret, _) in keys.items()
+        ]
+        running.admin.SyncApiKeys(admin_pb.SyncApiKeysRequest(generation=1, keys=entries))
+        acme = [("authorization", f"Bearer {keys['acme'][2]}")]
+        globex = [("authorization", f"Bearer {keys['globex'][2]}")]
+        long_request = _request("")
+        long_request.sampling.max_new_tokens = 200
+        held = [running.inference.Generate(long_request, metadata=acme) for _ in range(2)]
+        for stream in held:
+            next(stream)  # both are in flight now
+        refusals = []
+
+        def burst() -> None:
+            try:
+                running.generate(long_request, metadata=acme)
+            except grpc.RpcError as exc:
+                refusals.append((exc.code(), exc.details()))
+
+        threads = [threading.Thread(target=burst) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [code for code, _ in refusals] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
+        assert "tenant 'acme' already has 2 requests in flight" in refusals[0][1]
+        assert running.generate(_request(""), metadata=globex).completion_tokens == 3
+        for stream in held:
+            stream.cancel()
+        deadline = 50
+        while deadline:  # the cancelled calls give their places back
+            try:
+                assert running.generate(_request(""), metadata=acme).completion_tokens == 3
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                deadline -= 1
+                threading.Event().wait(0.1)
+        assert deadline, "acme never got in again"
