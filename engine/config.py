@@ -30,6 +30,7 @@ class EngineConfig:
     max_wait_steps: int = 200  # steps a request may wait before it goes first in line
     max_num_waiting: int = 1024  # beyond this Generate answers RESOURCE_EXHAUSTED
     max_tenant_requests: int = 256  # in flight per tenant key, so no tenant fills the queue
+    shutdown_grace_s: float = 30.0  # after SIGTERM, how long calls in flight may finish
     default_max_new_tokens: int = 256
     # Adapter slots on the device; 0 = auto (sized from free device memory, 8 on the CPU:
     # engine.server.app._num_lora_slots).

@@ -80,6 +80,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_wait_steps=args.max_wait_steps,
         max_num_waiting=args.max_num_waiting,
         max_tenant_requests=args.max_requests_per_tenant,
+        shutdown_grace_s=args.shutdown_grace,
         default_max_new_tokens=args.default_max_new_tokens,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
@@ -185,6 +186,13 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         default=EngineConfig.max_tenant_requests,
         help="requests one tenant's keys may have queued or running; beyond it Generate "
         "answers RESOURCE_EXHAUSTED (other tenants are unaffected)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=EngineConfig.shutdown_grace_s,
+        help="on SIGTERM: seconds the streams in flight may take to finish (health turns "
+        "NOT_SERVING and new calls get UNAVAILABLE at once)",
     )
     serve.add_argument("--default-max-new-tokens", type=int, default=256)
     serve.add_argument(

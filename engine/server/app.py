@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,30 +247,42 @@ async def _watch_engine_loop(
         link.cancel()
 
 
+async def _drain(
+    inference: InferenceServicer, health_servicer: health.aio.HealthServicer, grace_s: float
+) -> None:
+    """SIGTERM: report NOT_SERVING, refuse new calls, let the calls in flight finish for
+    up to `grace_s` seconds (then the engine stops and ends them as cancelled)."""
+    log.info("draining: %d calls in flight, up to %.0f s", inference.num_in_flight, grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    inference.start_draining()
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while inference.num_in_flight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def serve(
     config: EngineConfig,
     on_ready: Callable[[int], None] | None = None,
     parts: EngineParts | None = None,
 ) -> None:
-    """Serves until cancelled. `on_ready(port)` runs once the port is bound."""
+    """Serves until cancelled, or until SIGTERM (in the main thread), which drains first.
+    `on_ready(port)` runs once the port is bound."""
     parts = parts or await asyncio.to_thread(build_engine, config)
     # gRPC shares a taken port by default (SO_REUSEPORT): a second engine would silently
     # split the traffic. Binding must fail instead.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(
-            parts.engine,
-            parts.tokenizer,
-            parts.limits,
-            parts.adapters,
-            parts.keys,
-            parts.metrics,
-            max_waiting=config.max_num_waiting,
-            max_tenant_requests=config.max_tenant_requests,
-            adapter_wait_s=config.adapter_wait_s,
-        ),
-        server,
+    inference = InferenceServicer(
+        parts.engine,
+        parts.tokenizer,
+        parts.limits,
+        parts.adapters,
+        parts.keys,
+        parts.metrics,
+        max_waiting=config.max_num_waiting,
+        max_tenant_requests=config.max_tenant_requests,
+        adapter_wait_s=config.adapter_wait_s,
     )
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     engine_admin_pb2_grpc.add_EngineAdminServicer_to_server(
         EngineAdminServicer(
             parts.engine, parts.adapters, parts.keys, parts.info, config.admin_token
@@ -310,8 +324,12 @@ async def serve(
     watch = asyncio.create_task(_watch_engine_loop(parts.engine, health_servicer, link))
     if on_ready is not None:
         on_ready(port)
+    terminate = asyncio.Event()
+    if threading.current_thread() is threading.main_thread():  # signals reach only it
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate.set)
     try:
-        await server.wait_for_termination()
+        await terminate.wait()  # or the task is cancelled (Ctrl-C, tests)
+        await _drain(inference, health_servicer, config.shutdown_grace_s)
     finally:
         watch.cancel()
         if parts.preloader is not None:

@@ -61,6 +61,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._max_waiting = max_waiting
         self._max_tenant_requests = max_tenant_requests
         self._tenant_requests: Counter[str] = Counter()  # calls in flight per tenant
+        self.num_in_flight = 0  # Generate calls past admission, not yet finished
+        self._draining = False
         self._adapter_wait_s = adapter_wait_s
         self._mailbox: OutputMailbox | None = None  # bound to the asyncio loop on first use
         self._admitting = 0  # calls past the queue check, not yet submitted
@@ -71,8 +73,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._keys = keys
         self._metrics = metrics if metrics is not None else engine.metrics
 
+    def start_draining(self) -> None:
+        """Shutting down: new calls get UNAVAILABLE, calls in flight go on."""
+        self._draining = True
+
     async def Generate(self, request: inference_pb2.GenerateRequest, context):  # noqa: N802
         timer = self._metrics.request_timer()
+        if self._draining:
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "this engine is shutting down; retry on another engine",
+            )
         if not self._engine.is_alive():
             await self._refuse(
                 context,
@@ -98,6 +110,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 "retry later or on another engine",
             )
         self._admitting += 1
+        self.num_in_flight += 1
         if tenant is not None:
             self._tenant_requests[tenant] += 1
         try:
@@ -107,6 +120,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 async for response in out:
                     yield response
         finally:
+            self.num_in_flight -= 1
             if tenant is not None:
                 self._tenant_requests[tenant] -= 1
 
