@@ -109,7 +109,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 f"{self._max_waiting} requests are already waiting on this engine; "
                 "retry later or on another engine",
             )
-        self._admitting += 1
         self.num_in_flight += 1
         if tenant is not None:
             self._tenant_requests[tenant] += 1
@@ -128,6 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                       context, timer: RequestTimer):  # fmt: skip
         """Prepares the call, submits it to the engine loop and yields its responses;
         a call that goes away before its last response aborts its request."""
+        self._admitting += 1
         try:
             engine_request, request_id = await self._prepare(request, tenant, context)
             if self._mailbox is None:
