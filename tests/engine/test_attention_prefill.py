@@ -8,7 +8,6 @@ contexts past 4,096 tokens against a float32 torch reference.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 
@@ -19,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.attention import AttentionMetadata, attend_torch  # noqa: E402
+from tests.triton_skip import triton_skip_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK_SIZE = 16
@@ -26,22 +26,7 @@ BLOCK_SIZE = 16
 # over a prefix (ending mid-block and on a block edge), decode tokens, odd lengths, and
 # chunks of several query tiles and key tiles.
 MIXED = [(0, 37), (21, 11), (40, 1), (0, 1), (16, 48), (5, 2), (70, 9), (0, 3)]
-
-
-def _skip_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if DEVICE.type == "cpu" and importlib.util.find_spec("numpy") is None:
-        return "the Triton interpreter needs numpy"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from engine.attention import triton_prefill
-
-    if DEVICE.type == "cpu" and not isinstance(
-        triton_prefill._varlen_paged_kernel, InterpretedFunction
-    ):
-        return "no CUDA and the kernels were compiled before TRITON_INTERPRET=1 was set"
-    return None
+_SKIP = triton_skip_reason("engine.attention.triton_prefill", "_varlen_paged_kernel")
 
 
 def _case(
@@ -102,7 +87,7 @@ def _kernel_vs_reference(
     return got, expected
 
 
-@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
     [(4, 2, 32), (3, 1, 32), (2, 2, 16), (6, 2, 24)],  # GQA 2 and 3, MHA, padded head_dim
@@ -112,7 +97,7 @@ def test_varlen_kernel_matches_reference(heads: int, kv_heads: int, head_dim: in
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 @pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (64, 32)])
 def test_varlen_kernel_tile_shapes(block_m: int, block_n: int) -> None:
     """Key tiles inside one cache block and spanning two; query tiles of 8 and 32 tokens."""
@@ -175,7 +160,7 @@ def test_metadata_matches_per_token_layout(device: str) -> None:
     assert mask.shape[1] == num_blocks * block_size
 
 
-@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+@pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 def test_backend_prefill_batch_uses_one_kernel_for_all_rows() -> None:
     """The CUDA backend on a mixed batch: every row (prefill and decode) right, cache
     written exactly as the reference writes it."""

@@ -8,7 +8,6 @@ The `gpu` test checks bf16 at Llama-3.1-8B attention shapes.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 
@@ -19,29 +18,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.attention import AttentionMetadata, attend_torch  # noqa: E402
+from tests.triton_skip import triton_skip_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK_SIZE = 16
 CONTEXTS = [1, 15, 16, 17, 70]
 
 
-def _skip_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if DEVICE.type == "cpu" and importlib.util.find_spec("numpy") is None:
-        return "the Triton interpreter needs numpy"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from engine.attention import triton_decode
-
-    if DEVICE.type == "cpu" and not isinstance(
-        triton_decode._paged_decode_kernel, InterpretedFunction
-    ):
-        return "no CUDA and the kernels were compiled before TRITON_INTERPRET=1 was set"
-    return None
 
 
-_SKIP = _skip_reason()
+
+_SKIP = triton_skip_reason("engine.attention.triton_decode", "_paged_decode_kernel")
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 

@@ -9,7 +9,6 @@ The `gpu` test runs the same comparisons in bf16 at Llama-3.1-8B shapes.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -28,26 +27,16 @@ from engine.kernels import (  # noqa: E402
     lora_shrink,
 )
 from engine.kernels.reference import add_lora_ref, expand_ref, shrink_ref  # noqa: E402
+from tests.triton_skip import triton_skip_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAN = float("nan")
 
 
-def _triton_skip_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed: the Triton kernels cannot run"
-    if DEVICE.type == "cpu" and importlib.util.find_spec("numpy") is None:
-        return "the Triton interpreter needs numpy"
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from engine.kernels import sgmv
-
-    if DEVICE.type == "cpu" and not isinstance(sgmv._sgmv_shrink_kernel, InterpretedFunction):
-        return "no CUDA and the kernels were compiled before TRITON_INTERPRET=1 was set"
-    return None
 
 
-_SKIP = _triton_skip_reason()
+
+_SKIP = triton_skip_reason("engine.kernels.sgmv", "_sgmv_shrink_kernel")
 needs_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
