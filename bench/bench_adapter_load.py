@@ -42,30 +42,8 @@ from engine.lora.peft_format import load_adapter  # noqa: E402
 from engine.lora.preload import AdapterPreloader  # noqa: E402
 from engine.lora.registry import AdapterRegistry  # noqa: E402
 from engine.lora.slot_pool import LoraSlotPool  # noqa: E402
-from engine.model.config import PROJECTIONS, ModelConfig  # noqa: E402
-
-
-def write_adapter(folder: Path, config: ModelConfig, rank: int) -> Path:
-    """A PEFT-format adapter (config + bf16 safetensors) on all seven projections."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS)).save_pretrained(
-        folder
-    )
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(config.num_layers):
-        for proj in PROJECTIONS:
-            out_features, in_features = config.projection_shape(proj)
-            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            name = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-            a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-            b = torch.randn(out_features, rank, generator=generator) * 0.02
-            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
-            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    return folder
+from engine.model.config import ModelConfig  # noqa: E402
+from tests.adapter_factory import write_random_adapter  # noqa: E402
 
 
 def median_ms(run, repeats: int) -> float:
@@ -122,7 +100,7 @@ def main() -> None:
     config = dataclasses.replace(LLAMA_31_8B, num_layers=args.layers)
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="adapter-load-"))
     try:
-        folder = write_adapter(workdir / "one", config, args.rank)
+        folder = write_random_adapter(workdir / "one", config, args.rank)
         path = folder / "adapter_model.safetensors"
         file_mb = path.stat().st_size / 1e6
         results: dict[str, float] = {}

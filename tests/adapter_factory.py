@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from engine.model.config import ModelConfig
+
 
 def make_tiny_llama(out_dir: Path, *, seed: int = 0, **overrides: Any) -> Path:
     """Save a random tiny LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads,
@@ -98,3 +100,29 @@ def make_peft_adapter(
     out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return out_dir
+
+
+def write_random_adapter(folder: Path, config: ModelConfig, rank: int, seed: int = 0) -> Path:
+    """A PEFT-format rank-`rank` adapter on all seven projections of `config`, bf16,
+    written directly (no model needed): for shapes too large to run PEFT on."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from engine.model.config import PROJECTIONS
+
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS)).save_pretrained(
+        folder
+    )
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for proj in PROJECTIONS:
+            out_features, in_features = config.projection_shape(proj)
+            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            b = torch.randn(out_features, rank, generator=generator) * 0.02
+            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder

@@ -13,7 +13,7 @@ from engine.lora.peft_format import LoraWeights, load_adapter
 from engine.lora.slot_pool import GROUPS, SLICE_OF, LoraSlotPool
 from engine.model.config import ModelConfig, load_model_config
 from engine.model.lora_hook import PROJECTION_GROUPS
-from tests.adapter_factory import make_peft_adapter, make_tiny_llama
+from tests.adapter_factory import make_peft_adapter, make_tiny_llama, write_random_adapter
 
 MAX_RANK = 8
 
@@ -222,32 +222,6 @@ def test_cuda_async_load_matches_cpu(setup) -> None:
     MultiLoraApplier(cpu, token_slots, backend="torch").apply(1, "qkv", x, out_cpu)
     MultiLoraApplier(gpu, token_slots).apply(1, "qkv", x.cuda(), out_gpu)
     torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), rtol=2e-2, atol=2e-2)
-
-
-def write_random_adapter(folder: Path, config: ModelConfig, rank: int, seed: int) -> Path:
-    """A PEFT-format rank-`rank` adapter on all seven projections of `config`, bf16,
-    written directly (no model needed): for shapes too large to run PEFT on."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from engine.model.config import PROJECTIONS
-
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJECTIONS)).save_pretrained(
-        folder
-    )
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config.num_layers):
-        for proj in PROJECTIONS:
-            out_features, in_features = config.projection_shape(proj)
-            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            name = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-            a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-            b = torch.randn(out_features, rank, generator=generator) * 0.02
-            tensors[f"{name}.lora_A.weight"] = a.to(torch.bfloat16)
-            tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    return folder
 
 
 @pytest.mark.gpu
