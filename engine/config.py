@@ -46,6 +46,9 @@ class EngineConfig:
     # Decode steps replay captured CUDA graphs (CUDA only; costs a few seconds at start
     # and one KV block reserved as scratch for padding rows).
     cuda_graphs: bool = True
+    # Mixed steps (prompts beside decodes) of up to this many tokens replay CUDA graphs
+    # too; None = the largest a mixed step can be, 0 = off (engine.mixed_graphs).
+    mixed_graph_tokens: int | None = None
     admin_token: str = ""  # required by EngineAdmin when set
     control_plane: str = ""  # host:port of the control plane, "" = standalone
     advertise: str = ""  # address the control plane should dial back
@@ -55,6 +58,10 @@ class EngineConfig:
             raise ValueError(
                 "--max-loras must be 0 (auto) or positive and --adapter-preload-threads at "
                 f"least 1, got {self.max_loras} and {self.adapter_preload_threads}"
+            )
+        if self.mixed_graph_tokens is not None and self.mixed_graph_tokens < 0:
+            raise ValueError(
+                f"--mixed-graph-tokens must be 0 (off) or positive, got {self.mixed_graph_tokens}"
             )
         if self.lora_backend not in ("auto", "triton", "torch"):
             raise ValueError(

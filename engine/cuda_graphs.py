@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -161,20 +161,28 @@ class DecodeGraphs:
             )  # fmt: skip
             self.logits[:size].copy_(logits)
 
-        # One eager run first: Triton compiles and cuBLAS picks its kernels outside
-        # the capture. It writes k/v only to the padding block.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            forward()
+        graph = capture_graph(forward, self.device, self._pool)
         if self._pool is None:
             self._pool = graph.pool()
         self._graphs[(size, with_lora)] = graph
         self._captured_sizes[with_lora] = tuple(sorted({*self._captured_sizes[with_lora], size}))
+
+
+def capture_graph(
+    forward: Callable[[], None], device: torch.device, pool: object | None
+) -> torch.cuda.CUDAGraph:
+    """Capture `forward` into a new graph in memory `pool` (None: a new pool). One eager
+    run comes first, on a side stream: Triton compiles and cuBLAS picks its kernels
+    outside the capture. `forward` must write k/v only to scratch (padding) slots."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        forward()
+    return graph
 
 
 def graph_attention_metadata(

@@ -2,8 +2,9 @@
 
 The scheduler hands over plain data (`ScheduledBatch`); this module is where it meets
 the device: one flat token batch, attention metadata, per-token adapter slots. On CUDA
-a decode-only step replays a captured graph when one fits (`engine.cuda_graphs`);
-every other step (prefill, mixed, CPU, or too large) runs the model eagerly.
+a decode-only step replays a captured graph when one fits (`engine.cuda_graphs`), and
+so does a mixed step of up to the largest mixed bucket (`engine.mixed_graphs`); every
+other step (CPU, or too large) runs the model eagerly.
 `launch` only queues the step, so the engine loop streams the previous step's text
 while the GPU computes.
 """
@@ -21,6 +22,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
+from engine.mixed_graphs import MixedGraphs
 from engine.model.llama import LlamaModel
 from engine.sampling import SamplingParams, sample_tokens
 from engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -49,6 +51,7 @@ class ModelRunner:
         lora_pool: LoraSlotPool | None = None,
         lora_backend: str = "torch",
         decode_graphs: DecodeGraphs | None = None,
+        mixed_graphs: MixedGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -56,6 +59,7 @@ class ModelRunner:
         self.lora_pool = lora_pool
         self.lora_backend = lora_backend
         self.decode_graphs = decode_graphs
+        self.mixed_graphs = mixed_graphs
 
     def load_adapter(self, slot: int, weights: object) -> None:
         """Copies an adapter's weights into a device slot (asynchronously on CUDA)."""
@@ -83,6 +87,8 @@ class ModelRunner:
         logits = None
         if self.decode_graphs is not None:
             logits = self.decode_graphs.run(batch.seqs)
+        if logits is None and self.mixed_graphs is not None:
+            logits = self.mixed_graphs.run(batch.seqs)
         if logits is None:
             logits = self._forward(batch)  # [num_sampled, vocab] float32
         sampled_rows = [i for i, s in enumerate(batch.seqs) if s.needs_logits]

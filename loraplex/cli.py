@@ -91,6 +91,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         adapter_roots=tuple(Path(p).resolve() for p in args.adapter_root),
         lora_backend=args.lora_backend,
         cuda_graphs=not args.no_cuda_graphs,
+        mixed_graph_tokens=args.mixed_graph_tokens,
         admin_token=args.admin_token,
         control_plane=args.control_plane,
         advertise=args.advertise,
@@ -236,7 +237,14 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--no-cuda-graphs",
         action="store_true",
-        help="run decode steps eagerly instead of replaying captured CUDA graphs",
+        help="run every step eagerly instead of replaying captured CUDA graphs",
+    )
+    serve.add_argument(
+        "--mixed-graph-tokens",
+        type=int,
+        default=None,
+        help="mixed steps (prompts beside decodes) of up to this many tokens replay CUDA "
+        "graphs; 0 = off (default: --max-mixed-prefill-tokens + --max-num-seqs)",
     )
     serve.add_argument("--admin-token", default=os.environ.get("LORAPLEX_ADMIN_TOKEN", ""))
     serve.add_argument(

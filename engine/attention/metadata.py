@@ -189,6 +189,41 @@ class AttentionMetadata:
             query_start_loc_tensor=torch.arange(num_seqs + 1, dtype=torch.int32, device=device),
         )
 
+    @classmethod
+    def for_mixed_graph(
+        cls,
+        block_size: int,
+        slot_mapping: Tensor,  # [T] long
+        positions: Tensor,  # [T] long
+        block_tables: Tensor,  # [S, max_blocks_per_seq] int32
+        context_lens: Tensor,  # [S] int32
+        query_start_loc: Tensor,  # [S + 1] int32
+        max_context_len: int,
+    ) -> AttentionMetadata:
+        """A varlen layout of up to S sequences over T token rows in static device
+        buffers, for a captured CUDA graph of mixed steps (`engine.mixed_graph_inputs`
+        fills them: padding sequences have no tokens, padding tokens no sequence).
+
+        Only what attention reads from device memory is real; the host fields are
+        placeholders that say "a step with prefill" so that a backend takes its varlen
+        path (`engine.attention.backend.supports_decode_graphs` backends only).
+        """
+        num_seqs = int(context_lens.shape[0])
+        return cls(
+            block_size=block_size,
+            query_start_loc=(0,) * num_seqs + (int(slot_mapping.shape[0]),),
+            context_lens=(max_context_len,) * num_seqs,
+            max_context_len=max_context_len,
+            max_query_len=int(slot_mapping.shape[0]),
+            prefill_seqs=tuple(range(num_seqs)),
+            decode_seqs=(),
+            slot_mapping=slot_mapping,
+            positions=positions,
+            block_tables=block_tables,
+            context_lens_tensor=context_lens,
+            query_start_loc_tensor=query_start_loc,
+        )
+
 
 def _check(q_lens: Tensor, ctx: Tensor, table_lens: Tensor, block_size: int) -> None:
     """Raise ValueError naming the first sequence whose lengths do not fit."""

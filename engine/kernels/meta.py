@@ -50,6 +50,10 @@ class LoraKernelMeta:
     seg_starts_host: tuple[int, ...]
     seg_slots_host: tuple[int, ...]
     seg_ranks_host: tuple[int, ...]
+    # True for a CUDA graph's meta: the device tensors are refilled before each replay,
+    # so the host fields are bounds (every slot a segment, `num_tokens` per segment),
+    # and launch grids are sized by them rather than by one batch's grouping.
+    bounded: bool = False
     # Launch configurations memoised by the kernel launchers for this step (they depend
     # only on the batch and the group's shapes, which repeat across layers).
     launch_cache: dict[tuple[Any, ...], Any] = field(

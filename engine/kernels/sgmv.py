@@ -72,6 +72,8 @@ def _sgmv_shrink_kernel(
     seg, row0, seg_end = _tile_segment(
         tl.program_id(1), seg_starts_ptr, num_segments, BLOCK_M, SEG_PAD
     )
+    if seg >= num_segments:
+        return  # a spare tile of a grid sized by a bound (a CUDA graph's)
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
     rank = tl.load(slot_ranks_ptr + slot)
 
@@ -128,6 +130,8 @@ def _sgmv_expand_kernel(
     seg, row0, seg_end = _tile_segment(
         tl.program_id(1), seg_starts_ptr, num_segments, BLOCK_M, SEG_PAD
     )
+    if seg >= num_segments:
+        return  # a spare tile of a grid sized by a bound (a CUDA graph's)
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
     rank = tl.load(slot_ranks_ptr + slot)
     if rank == 0:
@@ -176,7 +180,11 @@ def seg_pad(meta: LoraKernelMeta) -> int:
 
 
 def num_tiles(meta: LoraKernelMeta, block_m: int) -> int:
-    """Token tiles of `block_m` rows over all segments (a tile never spans two)."""
+    """Token tiles of `block_m` rows over all segments (a tile never spans two); for a
+    `bounded` meta, the most any grouping of its tokens can need (each segment adds at
+    most one partial tile), and the spare tiles exit at once."""
+    if meta.bounded:
+        return cdiv(meta.num_tokens, block_m) + meta.num_segments
     key = ("sgmv_tiles", block_m)
     tiles = meta.launch_cache.get(key)
     if tiles is None:

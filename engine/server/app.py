@@ -32,6 +32,7 @@ from engine.lora.preload import AdapterPreloader
 from engine.lora.registry import AdapterRegistry
 from engine.lora.slot_pool import LoraSlotPool
 from engine.metrics import EngineMetrics
+from engine.mixed_graphs import MixedGraphs
 from engine.model.config import ModelConfig
 from engine.model.loader import load_model, model_fingerprint
 from engine.runner import ModelRunner
@@ -154,19 +155,21 @@ def build_engine(
         on_drop=lambda adapter_id: engine.forget_adapter(adapter_id),
         before_read=before_adapter_read,
     )
-    graphs = None
-    if use_graphs:
-        graphs = DecodeGraphs(
-            model,
-            kv_cache,
-            pool,
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=max_model_len,
-            pad_block=kv_cache.num_blocks - 1,
-            lora_graphs=lora_backend == "triton",
-        )
-        graphs.capture()  # at start, so no request waits on a capture
-    runner = ModelRunner(model, kv_cache, pool, lora_backend, graphs)
+    decode_graphs, mixed_graphs = None, None
+    if use_graphs:  # captured at start, so no request waits on a capture
+        graph_args = {
+            "max_num_seqs": config.max_num_seqs,
+            "max_model_len": max_model_len,
+            "pad_block": kv_cache.num_blocks - 1,
+            "lora_graphs": lora_backend == "triton",
+        }
+        decode_graphs = DecodeGraphs(model, kv_cache, pool, **graph_args)
+        decode_graphs.capture()
+        mixed_tokens = _mixed_graph_tokens(config, scheduler.config.max_num_batched_tokens)
+        if mixed_tokens:
+            mixed_graphs = MixedGraphs(model, kv_cache, pool, max_tokens=mixed_tokens, **graph_args)
+            mixed_graphs.capture()
+    runner = ModelRunner(model, kv_cache, pool, lora_backend, decode_graphs, mixed_graphs)
     if use_graphs:  # CUDA: compile the eager path's kernel variants before serving too
         log.info("warmed up the eager path in %.1f s", runner.warm_up(kv_cache.num_blocks - 1))
     metrics = EngineMetrics()
@@ -198,6 +201,14 @@ def build_engine(
         metrics=metrics,
         preloader=preloader,
     )
+
+
+def _mixed_graph_tokens(config: EngineConfig, max_num_batched_tokens: int) -> int:
+    """The largest mixed step replayed from a CUDA graph: by default the largest a step
+    with running decodes can be (its prompt-token cap plus one token per sequence)."""
+    if config.mixed_graph_tokens is not None:
+        return min(config.mixed_graph_tokens, max_num_batched_tokens)
+    return min(config.max_mixed_prefill_tokens + config.max_num_seqs, max_num_batched_tokens)
 
 
 def _num_lora_slots(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:

@@ -1,6 +1,7 @@
-"""CUDA-graph decode on a real GPU: replays give exactly the eager tokens for batches
-mixing five adapters and base rows at odd sizes (padded buckets), after slot reloads
-between replays, and through the whole engine over gRPC (run through the device tool).
+"""CUDA graphs on a real GPU: decode and mixed-step replays give exactly the eager tokens
+for batches mixing five adapters and base rows at odd sizes (padded buckets), after slot
+reloads between replays, and through the whole engine over gRPC (run through the device
+tool).
 
 float32 with TF32 off, so eager and graph differ only by summation order (a different
 GEMM M, BGMV vs SGMV) and greedy tokens agree exactly; bf16 is checked by closeness.
@@ -19,6 +20,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVCache
 from engine.lora.peft_format import load_adapter
 from engine.lora.slot_pool import LoraSlotPool
+from engine.mixed_graphs import MixedGraphs
 from engine.model.loader import load_model
 from engine.runner import ModelRunner
 from tests.engine.decode_driver import ScheduledDriver
@@ -67,7 +69,9 @@ def gpu_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path
     return base, adapters, root
 
 
-def _runner(base: Path, adapter_dirs: list[Path], dtype: torch.dtype, graphs: bool):
+def _runner(
+    base: Path, adapter_dirs: list[Path], dtype: torch.dtype, graphs: bool, mixed_tokens: int = 0
+):
     model = load_model(base, dtype=dtype, device="cuda")
     pool = LoraSlotPool(model.config, 8, MAX_RANK, dtype, "cuda")
     for slot, folder in enumerate(adapter_dirs[:5]):
@@ -85,7 +89,21 @@ def _runner(base: Path, adapter_dirs: list[Path], dtype: torch.dtype, graphs: bo
         )
         decode_graphs.capture()
         assert len(decode_graphs.captured) == 2 * len(decode_graphs.sizes)
-    return ModelRunner(model, cache, pool, "triton", decode_graphs), model.config
+    mixed_graphs = None
+    if graphs and mixed_tokens:
+        mixed_graphs = MixedGraphs(
+            model,
+            cache,
+            pool,
+            max_num_seqs=MAX_SEQS,
+            max_model_len=MAX_MODEL_LEN,
+            max_tokens=mixed_tokens,
+            pad_block=NUM_BLOCKS - 1,
+        )
+        mixed_graphs.capture()
+        assert len(mixed_graphs.captured) == 2 * len(mixed_graphs.sizes)
+    runner = ModelRunner(model, cache, pool, "triton", decode_graphs, mixed_graphs)
+    return runner, model.config
 
 
 def _drivers(runners, num_seqs: int, seed: int) -> list[ScheduledDriver]:
@@ -146,6 +164,37 @@ def test_base_only_and_oversized_batches(gpu_setup) -> None:
     assert graphed.decode_graphs.num_replays == 3
     assert drivers[0].step() == drivers[1].step()  # 35 > 32 rows: eager
     assert graphed.decode_graphs.num_replays == 3
+
+
+def test_mixed_replay_matches_eager_tokens(gpu_setup) -> None:
+    """Requests arriving while others decode: every mixed step (new prompts, prompts over
+    a cached prefix, decode rows, five adapters and base rows) replays a graph and gives
+    the eager tokens, also after a slot reload; a step beyond the largest bucket runs
+    eagerly."""
+    base, adapter_dirs, _ = gpu_setup
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager, config = _runner(base, adapter_dirs, torch.float32, graphs=False)
+    graphed, _ = _runner(base, adapter_dirs, torch.float32, graphs=True, mixed_tokens=256)
+    drivers = _drivers([eager, graphed], 24, seed=3)
+    arrivals = [f"r{i}" for i in range(24)]
+    active: list[str] = []
+    reloaded = load_adapter(adapter_dirs[5], config, MAX_RANK)
+    fitting = 0  # mixed steps that fit the largest bucket
+    for step in range(14):
+        active += arrivals[2 * step : 2 * step + 2]  # two new prompts a step, then decode only
+        if step == 5:
+            for runner in (eager, graphed):
+                runner.load_adapter(1, reloaded)
+        fitting += step < 12 and drivers[1].batch(active).num_tokens <= 256
+        tokens = [driver.step(list(active)) for driver in drivers]
+        assert tokens[0] == tokens[1], f"step {step}"
+    mixed, decode = graphed.mixed_graphs, graphed.decode_graphs
+    assert mixed is not None and decode is not None
+    assert fitting >= 8 and mixed.num_replays == fitting and decode.num_replays == 2
+    for driver in drivers:  # a prompt of 300 tokens: beyond the 256-token bucket
+        driver.add("long", list(range(3, 303)), 0)
+    assert drivers[0].step() == drivers[1].step()
+    assert mixed.num_replays == fitting
 
 
 def test_bf16_replay_close_to_eager(gpu_setup) -> None:
@@ -222,9 +271,10 @@ def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None
             scheduler = running.parts.engine.scheduler
             if graphs:
                 assert runner.decode_graphs is not None and runner.decode_graphs.num_replays > 0
+                assert runner.mixed_graphs is not None and runner.mixed_graphs.num_replays > 0
                 assert scheduler.blocks.num_blocks == runner.kv_cache.num_blocks - 1
             else:
-                assert runner.decode_graphs is None
+                assert runner.decode_graphs is None and runner.mixed_graphs is None
                 assert scheduler.blocks.num_blocks == runner.kv_cache.num_blocks
             results[graphs] = out
     assert all(len(t) == 12 for t in results[True].values())
