@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -47,21 +48,19 @@ def is_decode_only(seqs: Sequence[ScheduledSeq]) -> bool:
 
 @dataclass(frozen=True)
 class PaddedDecode:
-    """One decode step's inputs padded to `bucket` rows (lists of length `bucket`)."""
+    """One decode step's inputs padded to `bucket` rows (numpy arrays of `bucket` rows)."""
 
     bucket: int
     num_seqs: int  # real rows, first in the bucket
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]  # each row padded to the batch's widest table
-    token_slots: list[int]  # adapter slot per row, -1 for none
-    sorted_token_ids: list[int]  # rows grouped by adapter slot, slot -1 last
+    longs: np.ndarray  # [3, bucket] int64: input ids, positions, cache slots
+    context_lens: np.ndarray  # [bucket] int32
+    block_tables: np.ndarray  # [bucket, width] int32, width = the widest table needed
+    token_slots: np.ndarray  # [bucket] int32: adapter slot per row, -1 for none
+    sorted_token_ids: np.ndarray  # [bucket] int32: rows grouped by adapter slot, -1 last
 
     @property
     def has_adapters(self) -> bool:
-        return any(s != NO_SLOT for s in self.token_slots)
+        return bool((self.token_slots != NO_SLOT).any())
 
 
 def pad_decode(
@@ -69,36 +68,47 @@ def pad_decode(
 ) -> PaddedDecode:
     """Lay out a decode-only step in `bucket` rows; rows past `len(seqs)` are padding
     attending to `pad_block` alone. Raises ValueError if a row is not a decode token,
-    the batch exceeds the bucket, or a block table does not cover its token."""
-    if len(seqs) > bucket:
-        raise ValueError(f"{len(seqs)} sequences do not fit a bucket of {bucket}")
-    ids, positions, slots, ctx, tables, adapters = [], [], [], [], [], []
-    for seq in seqs:
-        if len(seq.token_ids) != 1:
-            raise ValueError(f"request {seq.request_id} feeds {len(seq.token_ids)} tokens")
-        pos = seq.start_position
-        num_blocks = pos // block_size + 1
-        if len(seq.block_table) < num_blocks:
-            raise ValueError(f"request {seq.request_id}: block table too short for {pos}")
-        ids.append(seq.token_ids[0])
-        positions.append(pos)
-        slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
-        ctx.append(pos + 1)
-        tables.append(list(seq.block_table[:num_blocks]))
-        adapters.append(seq.adapter_slot)
-    num_pad = bucket - len(seqs)
-    ids += [0] * num_pad
-    positions += [0] * num_pad
-    slots += [pad_block * block_size] * num_pad
-    ctx += [1] * num_pad
-    tables += [[pad_block] for _ in range(num_pad)]
-    adapters += [NO_SLOT] * num_pad
-    width = max(len(t) for t in tables)
-    tables = [t + [pad_block] * (width - len(t)) for t in tables]
+    the batch exceeds the bucket, or a block table does not cover its token.
+
+    Runs once per decode step on the engine loop, so it is numpy over whole columns,
+    with Python touching each sequence once."""
+    num_seqs = len(seqs)
+    if num_seqs > bucket:
+        raise ValueError(f"{num_seqs} sequences do not fit a bucket of {bucket}")
+    bad = next((s for s in seqs if len(s.token_ids) != 1), None)
+    if bad is not None:
+        raise ValueError(f"request {bad.request_id} feeds {len(bad.token_ids)} tokens")
+    longs = np.zeros((3, bucket), dtype=np.int64)
+    ids, positions, cache_slots = longs
+    ids[:num_seqs] = np.fromiter((s.token_ids[0] for s in seqs), np.int64, num_seqs)
+    positions[:num_seqs] = np.fromiter((s.start_position for s in seqs), np.int64, num_seqs)
+    pos = positions[:num_seqs]
+    needed = pos // block_size + 1  # blocks each context needs
+    table_lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, num_seqs)
+    if (table_lens < needed).any():
+        bad = seqs[int(np.argmax(table_lens < needed))]
+        raise ValueError(f"request {bad.request_id}: block table too short for its position")
+    width = int(needed.max()) if num_seqs else 1
+    # Only the blocks each context needs, the rest of each row the scratch block.
+    tables = np.full((bucket, width), pad_block, dtype=np.int32)
+    flat = np.fromiter(
+        chain.from_iterable(s.block_table[: s.start_position // block_size + 1] for s in seqs),
+        np.int32,
+    )  # [sum(needed)]: each sequence's needed blocks, row after row
+    row_starts = np.repeat(np.cumsum(needed) - needed, needed)
+    tables[np.repeat(np.arange(num_seqs), needed), np.arange(len(flat)) - row_starts] = flat
+    blocks = tables[np.arange(num_seqs), pos // block_size].astype(np.int64)
+    cache_slots[:num_seqs] = blocks * block_size + pos % block_size
+    cache_slots[num_seqs:] = pad_block * block_size
+    context_lens = np.ones(bucket, dtype=np.int32)
+    context_lens[:num_seqs] = pos + 1
+    token_slots = np.full(bucket, NO_SLOT, dtype=np.int32)
+    token_slots[:num_seqs] = np.fromiter((s.adapter_slot for s in seqs), np.int32, num_seqs)
     # As build_meta orders tokens: by slot, stable, slot -1 last (rows sharing an
     # adapter run side by side and share its weights through L2).
-    order = sorted(range(bucket), key=lambda r: (adapters[r] < 0, adapters[r]))
-    return PaddedDecode(bucket, len(seqs), ids, positions, slots, ctx, tables, adapters, order)
+    key = np.where(token_slots < 0, np.iinfo(np.int32).max, token_slots)
+    order = np.argsort(key, kind="stable").astype(np.int32)
+    return PaddedDecode(bucket, num_seqs, longs, context_lens, tables, token_slots, order)
 
 
 def _pad16(n: int) -> int:
@@ -162,24 +172,21 @@ class StaticDecodeBuffers:
         stale values: the bucket's graph never reads the former, and a sequence never
         reads table entries beyond its own context.
         """
-        rows, width = step.bucket, len(step.block_tables[0])
+        rows, width = step.block_tables.shape
         if rows > self.max_bucket or width > self.max_blocks_per_seq:
             raise ValueError(f"a step of {rows} rows x {width} blocks exceeds the buffers")
-        ranks = [int(r) for r in slot_ranks]
+        ranks = np.asarray(slot_ranks, dtype=np.int32)
         if len(ranks) > self.num_lora_slots:
             raise ValueError(f"{len(ranks)} slot ranks for {self.num_lora_slots} slots")
-        # numpy builds tensors from nested lists several times faster than torch.tensor
-        longs = np.array([step.input_ids, step.positions, step.slot_mapping], dtype=np.int64)
-        self.longs[:, :rows].copy_(torch.from_numpy(longs))
-        ints = [0] * self.ints.numel()
+        self.longs[:, :rows].copy_(torch.from_numpy(step.longs))
+        ints = np.zeros(self.ints.numel(), dtype=np.int32)
         s = self._stride
         ints[:rows] = step.context_lens
         ints[s : s + rows] = step.token_slots
         ints[2 * s : 2 * s + rows] = step.sorted_token_ids
         ints[3 * s : 3 * s + len(ranks)] = ranks
-        self.ints.copy_(torch.tensor(ints, dtype=torch.int32))
-        tables = np.array(step.block_tables, dtype=np.int32)
-        self.block_tables[:rows, :width].copy_(torch.from_numpy(tables))
+        self.ints.copy_(torch.from_numpy(ints))
+        self.block_tables[:rows, :width].copy_(torch.from_numpy(step.block_tables))
 
     def fill_padding(self, pad_block: int, block_size: int) -> None:
         """Make every row a padding row (before capture: warm-up writes go to scratch)."""

@@ -75,14 +75,15 @@ def test_pad_decode_layout() -> None:
     ]
     step = pad_decode(seqs, bucket=5, block_size=16, pad_block=99)
     assert step.num_seqs == 3 and step.bucket == 5
-    assert step.input_ids == [11, 12, 13, 0, 0]
-    assert step.positions == [17, 0, 15, 0, 0]
-    assert step.slot_mapping == [3 * 16 + 1, 5 * 16, 4 * 16 + 15, 99 * 16, 99 * 16]
-    assert step.context_lens == [18, 1, 16, 1, 1]
+    ids, positions, slot_mapping = step.longs.tolist()
+    assert ids == [11, 12, 13, 0, 0]
+    assert positions == [17, 0, 15, 0, 0]
+    assert slot_mapping == [3 * 16 + 1, 5 * 16, 4 * 16 + 15, 99 * 16, 99 * 16]
+    assert step.context_lens.tolist() == [18, 1, 16, 1, 1]
     # Only the blocks each context needs, padded with the scratch block.
-    assert step.block_tables == [[7, 3], [5, 99], [4, 99], [99, 99], [99, 99]]
-    assert step.token_slots == [2, -1, 0, -1, -1]
-    assert step.sorted_token_ids == [2, 0, 1, 3, 4]
+    assert step.block_tables.tolist() == [[7, 3], [5, 99], [4, 99], [99, 99], [99, 99]]
+    assert step.token_slots.tolist() == [2, -1, 0, -1, -1]
+    assert step.sorted_token_ids.tolist() == [2, 0, 1, 3, 4]
     assert step.has_adapters
     with pytest.raises(ValueError):
         pad_decode(seqs, bucket=2, block_size=16, pad_block=99)
