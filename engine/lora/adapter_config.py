@@ -5,10 +5,14 @@ targeted and which rank and alpha it gets; `targets`, `rank_for` and `alpha_for`
 PEFT's matching rules (peft/tuners/tuners_utils.py `check_target_module_exists`,
 peft/utils/other.py `get_pattern_key`) so that we scale every module exactly as PEFT
 would. Torch-free: the control plane imports this at registration time.
+
+A version is immutable as a whole: `read_pinned_config` hashes the very bytes it parses,
+so a config rewritten after registration is refused rather than served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +24,8 @@ from engine.lora.errors import AdapterFormatError
 from engine.model.config import PROJECTIONS
 
 CONFIG_NAME = "adapter_config.json"
+# PEFT writes about 1 KB; anything near this is not an adapter config.
+MAX_CONFIG_BYTES = 1 << 20
 # PEFT's default targets for the Llama family when `target_modules` is null.
 _DEFAULT_TARGETS = ("q_proj", "v_proj")
 _ALL_LINEAR = "all-linear"
@@ -82,9 +88,26 @@ class LoraAdapterConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+@dataclass(frozen=True)
+class PinnedConfig:
+    """A parsed config and the sha256 of the exact bytes it was parsed from."""
+
+    config: LoraAdapterConfig
+    sha256: str
+
+
 def read_adapter_config(folder: Path) -> LoraAdapterConfig:
     """Read and check `folder/adapter_config.json`; AdapterFormatError on anything we
     cannot serve exactly as PEFT would."""
+    return read_pinned_config(folder).config
+
+
+def read_pinned_config(folder: Path, expected_sha256: str = "") -> PinnedConfig:
+    """Read `folder/adapter_config.json` once, hash those bytes, compare the hash with
+    `expected_sha256` (when given) and parse the same bytes, so the config served is
+    the one hashed. AdapterFormatError: reason "config_sha256_mismatch" when the file
+    changed since it was pinned (checked before anything else), else as
+    `parse_adapter_config`."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise AdapterFormatError(
@@ -93,12 +116,29 @@ def read_adapter_config(folder: Path) -> LoraAdapterConfig:
             "so the folder holds adapter_config.json and adapter_model.safetensors",
         )
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise AdapterFormatError("bad_config", f"cannot read {path}: {exc}") from exc
+    sha256 = hashlib.sha256(data).hexdigest()
+    if expected_sha256 and sha256 != expected_sha256.lower():
+        raise AdapterFormatError(
+            "config_sha256_mismatch",
+            f"{CONFIG_NAME} changed since registration (in {folder}: sha256 {sha256}, "
+            f"registered {expected_sha256.lower()}); a version is immutable: register the "
+            "changed adapter as a new version",
+        )
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(
+            "bad_config", f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not a PEFT config"
+        )
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, 5000-digit numbers
         raise AdapterFormatError("bad_config", f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise AdapterFormatError("bad_config", f"{path} must hold a JSON object")
-    return parse_adapter_config(raw)
+    return PinnedConfig(parse_adapter_config(raw), sha256)
 
 
 def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
@@ -128,14 +168,10 @@ def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
         raise AdapterFormatError(
             "bad_config", f"adapter_config.json: r must be a positive integer, got {r!r}"
         )
-    alpha = raw.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterFormatError(
-            "bad_config", f"adapter_config.json: lora_alpha must be a number, got {alpha!r}"
-        )
+    alpha = _finite_number(raw.get("lora_alpha", 8), "lora_alpha")
     config = LoraAdapterConfig(
         r=r,
-        lora_alpha=float(alpha),
+        lora_alpha=alpha,
         use_rslora=bool(raw.get("use_rslora", False)),
         target_modules=_parse_targets(raw.get("target_modules")),
         exclude_modules=_names_or_regex(raw.get("exclude_modules"), "exclude_modules"),
@@ -263,7 +299,29 @@ def _pattern(value: Any, field: str, kind: type) -> dict[str, Any]:
         raise AdapterFormatError(
             "bad_config", f"adapter_config.json: {field} ranks must be positive integers"
         )
+    if kind is float:
+        return {str(k): _finite_number(v, f"{field}[{k!r}]") for k, v in value.items()}
     return {str(k): kind(v) for k, v in value.items()}
+
+
+def _finite_number(value: Any, field: str) -> float:
+    """`value` as a finite float: JSON allows NaN, Infinity, 1e999 and 400-digit ints,
+    and an infinite alpha scales every weight to Inf or NaN."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise AdapterFormatError(
+            "bad_config", f"adapter_config.json: {field} must be a number, got {value!r}"
+        )
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise AdapterFormatError(
+            "bad_config",
+            f"adapter_config.json: {field} must be a finite number, not {str(value)[:40]}; "
+            "fix it in adapter_config.json (PEFT's default is 8)",
+        )
+    return number
 
 
 def _name_matches(key: str, module_name: str) -> bool:

@@ -1,11 +1,13 @@
 """Load a PEFT LoRA folder into its packed host image, ready for a device slot.
 
 Contract of `load_adapter`: the folder passes `validate_adapter_header` (same code,
-same header), its weights are finite, and its sha256 matches `expected_sha256` when
-given. The result holds, per projection group, the adapter's whole slot image in the
-serving dtype (layout in engine.lora.layout), with PEFT's scaling (alpha/r or
-alpha/sqrt(r), per module) folded into B so that `delta = x @ A.T @ B_scaled.T` is
-exactly PEFT's LoRA output. The file is read once; its sha256 is computed beside the
+same header), its weights are finite before and after scaling, its sha256 matches
+`expected_sha256` and its adapter_config.json's sha256 matches `expected_config_sha256`
+when given (the config is read once: the bytes hashed are the bytes parsed). The
+result holds, per projection group, the adapter's whole slot image in the serving dtype
+(layout in engine.lora.layout), with PEFT's scaling (alpha/r or alpha/sqrt(r), per
+module) folded into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA
+output. The file is read once; its sha256 is computed beside the
 decode (engine.lora.hashed_read).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.lora.adapter_config import read_adapter_config
+from engine.lora.adapter_config import read_pinned_config
 from engine.lora.adapter_header import (
     AdapterSummary,
     LoraModuleSpec,
@@ -59,6 +61,7 @@ class LoraWeights:
     summary: AdapterSummary
     groups: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     layouts: Mapping[str, GroupLayout]
+    config_sha256: str = ""  # of the adapter_config.json bytes these weights were scaled by
 
     @property
     def rank(self) -> int:
@@ -120,11 +123,13 @@ def load_adapter(
     dtype: torch.dtype = torch.float32,
     pin_memory: bool = False,
     expected_sha256: str = "",
+    expected_config_sha256: str = "",
 ) -> LoraWeights:
     """Read, validate, scale and pack the adapter in `folder` into a `dtype` image
     (page-locked when `pin_memory`); AdapterFormatError on any problem."""
     folder = Path(folder)
-    config = read_adapter_config(folder)
+    pinned = read_pinned_config(folder, expected_config_sha256)
+    config = pinned.config
     path = weights_file(folder)
     try:
         read = read_hashed(path)
@@ -142,7 +147,7 @@ def load_adapter(
         raise
     sha256 = read.sha256()
     check_sha256(path, sha256, expected_sha256)
-    return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts)
+    return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts, pinned.sha256)
 
 
 def _pack(
@@ -172,7 +177,17 @@ def _pack(
             # Scaling in float32 before the one cast to the serving dtype, as PEFT does it;
             # out of place: for a float32 file `.float()` is a view of the bytes being hashed.
             b_scaled = _tensor(data, header[spec.b_name]).float() * spec.scaling  # [out, r] f32
-            b[spec.layer, begin:end, : spec.rank].copy_(b_scaled)
+            packed = b[spec.layer, begin:end, : spec.rank]
+            packed.copy_(b_scaled)
+            # Finite weights times a finite but huge alpha/r overflow (in float32, or in
+            # the cast to a narrower serving dtype): Inf here means garbage served.
+            if not _all_finite(packed):
+                raise AdapterFormatError(
+                    "non_finite",
+                    f"tensor {spec.b_name} scaled by lora_alpha/r = {spec.scaling:.3g} is "
+                    f"not finite in {dtype}; lora_alpha (or alpha_pattern) in "
+                    "adapter_config.json is far too large for these weights: fix it",
+                )
         groups[group] = (a, b)
     return groups
 

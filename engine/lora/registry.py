@@ -81,6 +81,9 @@ class AdapterRegistry:
         self._evicted: OrderedDict[str, None] = OrderedDict()
         # Ids announced by `expect` whose background load has not finished yet.
         self._expected: set[str] = set()
+        # adapter id -> sha256 of the adapter_config.json it was loaded with: a re-read
+        # from disk must find the same config, as it must find the same weights.
+        self._config_pins: dict[str, str] = {}
 
     def load(
         self,
@@ -89,15 +92,17 @@ class AdapterRegistry:
         sha256: str = "",
         tenant: str = "",
         aliases: Iterable[str] = (),
+        config_sha256: str = "",
     ) -> tuple[LoadOutcome, AdapterRecord]:
         """Validate and load the adapter folder at `path` under `adapter_id`.
 
-        Idempotent: the same id with the same content (sha256) is "already_loaded"; the
-        adapter's aliases become exactly `aliases` (new ones added, others released).
-        Raises AdapterPathError (outside the roots), AdapterFormatError (invalid for
-        this base model, or `sha256` given and not matching), AdapterConflictError (the
-        id holds other content or another tenant, or an alias belongs to another
-        adapter), AdapterEvictingError (the id is still draining with different content).
+        Idempotent: the same id with the same content (sha256, and config_sha256 when
+        given) is "already_loaded"; the adapter's aliases become exactly `aliases` (new
+        ones added, others released). Raises AdapterPathError (outside the roots),
+        AdapterFormatError (invalid for this base model, or `sha256` / `config_sha256`
+        given and not matching the files), AdapterConflictError (the id holds other
+        content or another tenant, or an alias belongs to another adapter),
+        AdapterEvictingError (the id is still draining with different content).
         """
         if not adapter_id:
             raise ValueError("adapter_id must not be empty")
@@ -108,15 +113,18 @@ class AdapterRegistry:
             existing = self._entries.get(adapter_id)
             if existing is not None and sha256:
                 # The caller named the content: answer without reading the file.
-                return self._reload_existing(existing, sha256, tenant, aliases)
-        weights = self._read(adapter_id, folder, sha256)
+                return self._reload_existing(existing, sha256, config_sha256, tenant, aliases)
+        weights = self._read(adapter_id, folder, sha256, config_sha256)
         with self._lock:
             self._check_names(adapter_id, aliases)
             existing = self._entries.get(adapter_id)
             if existing is not None:
-                return self._reload_existing(existing, weights.sha256, tenant, aliases)
+                return self._reload_existing(
+                    existing, weights.sha256, weights.config_sha256, tenant, aliases
+                )
             entry = AdapterEntry(adapter_id, tenant, list(aliases), weights.summary, folder)
             self._entries[adapter_id] = entry
+            self._config_pins[adapter_id] = weights.config_sha256
             for name in (adapter_id, *aliases):
                 self._evicted.pop(name, None)
             for alias in aliases:
@@ -208,7 +216,8 @@ class AdapterRegistry:
             if cached is not None:
                 return cached
             folder, sha256 = entry.path, entry.summary.sha256
-        weights = self._read(adapter_id, folder, sha256)
+            config_sha256 = self._config_pins.get(adapter_id, "")
+        weights = self._read(adapter_id, folder, sha256, config_sha256)
         with self._lock:
             if self._entries.get(adapter_id) is entry:
                 self._cache.put(adapter_id, weights)
@@ -222,7 +231,7 @@ class AdapterRegistry:
         with self._lock:
             return len(self._entries)
 
-    def _read(self, adapter_id: str, folder: Path, sha256: str) -> LoraWeights:
+    def _read(self, adapter_id: str, folder: Path, sha256: str, config_sha256: str) -> LoraWeights:
         if self._before_read is not None:
             self._before_read(adapter_id)
         return load_adapter(
@@ -232,6 +241,7 @@ class AdapterRegistry:
             dtype=self.dtype,
             pin_memory=self.pin_memory,
             expected_sha256=sha256,
+            expected_config_sha256=config_sha256,
         )
 
     # Everything below runs with the lock held.
@@ -251,17 +261,29 @@ class AdapterRegistry:
                 )
 
     def _reload_existing(
-        self, entry: AdapterEntry, sha256: str, tenant: str, aliases: tuple[str, ...]
+        self,
+        entry: AdapterEntry,
+        sha256: str,
+        config_sha256: str,
+        tenant: str,
+        aliases: tuple[str, ...],
     ) -> tuple[LoadOutcome, AdapterRecord]:
-        if sha256.lower() != entry.summary.sha256:
+        pinned = self._config_pins.get(entry.adapter_id, "")
+        other_config = bool(config_sha256 and pinned and config_sha256.lower() != pinned)
+        if sha256.lower() != entry.summary.sha256 or other_config:
             if entry.evicting:
                 raise AdapterEvictingError(
                     f"adapter {entry.adapter_id!r} is being evicted and still serves "
                     f"{entry.in_flight} requests; retry loading new content when they finish"
                 )
+            what = (
+                f"adapter_config.json sha256 {pinned}"
+                if other_config
+                else (f"sha256 {entry.summary.sha256}")
+            )
             raise AdapterConflictError(
                 f"adapter {entry.adapter_id!r} is already loaded with different content "
-                f"(sha256 {entry.summary.sha256}); register the new content under a new id"
+                f"({what}); register the new content under a new id"
             )
         if tenant != entry.tenant:
             raise AdapterConflictError(
@@ -308,6 +330,7 @@ class AdapterRegistry:
 
     def _drop(self, adapter_id: str) -> None:
         entry = self._entries.pop(adapter_id)
+        self._config_pins.pop(adapter_id, None)
         for alias in entry.aliases:
             self._alias_to_id.pop(alias, None)
         self._cache.pop(adapter_id)

@@ -63,6 +63,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
                 raise ModelFormatError(f"{INDEX_FILE} names shard {path.name}, which is missing")
         return files
     files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        if not path.is_file():  # a FIFO or a device would block the read or never end
+            raise ModelFormatError(f"{path} is not a regular file; weight files must be")
     if files:
         return files
     other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
