@@ -68,6 +68,29 @@ class EngineProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The engine process's id (spawned: inside the `with` block)."""
+        assert self._proc is not None, "the engine is not running"
+        return self._proc.pid
+
+    def wait_serving(self, timeout_s: float) -> float:
+        """Poll gRPC health until SERVING; seconds from spawn. BenchError when the
+        process dies or `timeout_s` passes (works whatever EngineAdmin requires)."""
+        deadline = self.spawned_at + timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive("starting")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.monotonic() - self.spawned_at
+                except grpc.RpcError:
+                    pass
+                self._check_deadline(deadline, timeout_s, "to report SERVING")
+                time.sleep(0.2)
+
     def __enter__(self) -> EngineProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
         env["PYTHONUNBUFFERED"] = "1"

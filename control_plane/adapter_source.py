@@ -74,7 +74,16 @@ def _checked_folder(uri: str, path: Path, roots: Sequence[Path]) -> Path:
 
 
 def config_sha256(folder: Path) -> str:
-    return hashlib.sha256((folder / CONFIG_FILE).read_bytes()).hexdigest()
+    """The sha256 of the folder's adapter_config.json, which engines check before they
+    load the version; FAILED_PRECONDITION when the file cannot be read."""
+    try:
+        return hashlib.sha256((folder / CONFIG_FILE).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ServiceError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"cannot read {folder / CONFIG_FILE}: {exc.strerror or exc}; check that the "
+            "file exists and that the control plane may read it",
+        ) from exc
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:

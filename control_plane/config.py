@@ -25,6 +25,13 @@ class ControlPlaneConfig:
     # behind the migrations is refused with a message saying to run migrate.
     auto_migrate: bool = False
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+    # Bounds on every database call (Postgres), so a database that is down or out of
+    # reach fails RPCs with UNAVAILABLE instead of hanging them, passes or shutdown.
+    db_connect_timeout_s: float = 5.0
+    db_statement_timeout_s: float = 30.0
+    # After SIGTERM: health NOT_SERVING, new calls UNAVAILABLE, and calls in flight get
+    # this long to finish before the server stops.
+    shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -33,3 +40,10 @@ class ControlPlaneConfig:
             )
         if not self.database_url:
             raise ValueError("a database URL is required (--database-url)")
+        for name in ("db_connect_timeout_s", "db_statement_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if not self.shutdown_grace_s >= 0:
+            raise ValueError(
+                f"the shutdown grace must be 0 or more seconds, not {self.shutdown_grace_s}"
+            )

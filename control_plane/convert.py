@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from control_plane.errors import invalid
 from control_plane.models import EngineState, TenantState, VersionState
 from control_plane.records import (
     AdapterRecord,
@@ -35,8 +36,13 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
-def from_timestamp(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+def from_timestamp(ts: Timestamp, field: str = "timestamp") -> datetime:
+    """INVALID_ARGUMENT for what no datetime can hold (nanos outside 0..999999999, a
+    year outside 1..9999): the caller sent it, so it must not become INTERNAL."""
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise invalid(f"{field} is not a valid timestamp: {exc}") from exc
 
 
 def tenant(r: TenantRecord) -> pb.Tenant:

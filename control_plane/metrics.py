@@ -74,6 +74,12 @@ class ControlPlaneMetrics:
             ["outcome"],
             registry=r,
         )
+        self.key_generation_restores = Counter(
+            _P + "key_generation_restores",
+            "Engines found holding a key table newer than the database (a restore); "
+            "the generation was moved past theirs",
+            registry=r,
+        )
         self.rpc_errors = Counter(
             _P + "rpc_errors",
             "Control plane RPCs answered with an error, by method and code",

@@ -1,7 +1,7 @@
 """Wire the control plane together and serve it: ControlPlane + Health + reflection.
 
 `start_control_plane` returns a running instance (tests use port 0 and stop it);
-`serve_control_plane` runs one until cancelled or signalled.
+`serve_control_plane` runs one until cancelled or signalled (SIGTERM drains first).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from control_plane import migrate
 from control_plane.admin_auth import AdminTokenInterceptor
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import make_db_engine, make_session_factory
+from control_plane.draining import DrainInterceptor
 from control_plane.metrics import ControlPlaneMetrics, RpcMetricsInterceptor
 from control_plane.reconciler.engine_client import EngineClient
 from control_plane.reconciler.loop import Reconciler
@@ -53,19 +54,33 @@ class RunningControlPlane:
     metrics: ControlPlaneMetrics
     _reconcile_task: asyncio.Task[None]
     _client: EngineClient
+    _health: health.aio.HealthServicer
+    _drain: DrainInterceptor
     _stop_metrics: Callable[[], None] | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
-        self._reconcile_task.cancel()
+        """Health NOT_SERVING and new calls UNAVAILABLE at once; then the reconciler
+        stops (after the database work under way) while the calls in flight get up to
+        `grace` seconds; then the server stops, ending what still runs as cancelled.
+        Never raises for a database that is down: the server stops regardless."""
+        await self._health.enter_graceful_shutdown()
+        self._drain.start_draining()
+        log.info("stopping: %d calls in flight get up to %g s", self._drain.num_in_flight, grace)
         try:
-            await self._reconcile_task
-        except asyncio.CancelledError:
-            pass
-        await self.server.stop(grace)
-        await self._client.close()
-        if self._stop_metrics is not None:
-            self._stop_metrics()
-        self.db_engine.dispose()
+            await asyncio.gather(self._stop_reconciler(), self._drain.wait_idle(grace))
+        finally:
+            await self.server.stop(0)
+            await self._client.close()
+            if self._stop_metrics is not None:
+                self._stop_metrics()
+            self.db_engine.dispose()
+
+    async def _stop_reconciler(self) -> None:
+        self.reconciler.stop_soon()
+        self._reconcile_task.cancel()
+        [outcome] = await asyncio.gather(self._reconcile_task, return_exceptions=True)
+        if isinstance(outcome, Exception):
+            log.error("the reconciler failed while stopping", exc_info=outcome)
 
 
 async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane:
@@ -76,12 +91,17 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
             "the database schema is not at the latest migration; run "
             "`loraplex control-plane migrate` first"
         )
-    db_engine = make_db_engine(config.database_url)
+    db_engine = make_db_engine(
+        config.database_url,
+        connect_timeout_s=config.db_connect_timeout_s,
+        statement_timeout_s=config.db_statement_timeout_s,
+    )
     loop = asyncio.get_running_loop()
     rc = config.reconciler
     reconciler_ref: list[Reconciler] = []
     ctx = ServiceContext(
-        sessions=make_session_factory(db_engine), clock=utcnow,
+        sessions=make_session_factory(db_engine),
+        clock=utcnow,
         on_change=lambda: reconciler_ref[0].nudge() if reconciler_ref else None,
     )
     heartbeat_timeout = timedelta(seconds=rc.heartbeat_timeout_s)
@@ -92,9 +112,13 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
         engines=EngineService(ctx, heartbeat_timeout),
     )
     store = ReconcileStore(
-        ctx, heartbeat_timeout=heartbeat_timeout, lease=timedelta(seconds=rc.lease_s),
-        retry_base=timedelta(seconds=rc.retry_base_s), retry_cap=timedelta(seconds=rc.retry_cap_s),
-        fail_after_attempts=rc.fail_after_attempts, permanent_codes=rc.permanent_codes,
+        ctx,
+        heartbeat_timeout=heartbeat_timeout,
+        lease=timedelta(seconds=rc.lease_s),
+        retry_base=timedelta(seconds=rc.retry_base_s),
+        retry_cap=timedelta(seconds=rc.retry_cap_s),
+        fail_after_attempts=rc.fail_after_attempts,
+        permanent_codes=rc.permanent_codes,
     )
     metrics = ControlPlaneMetrics()
     metrics.watch(ctx.sessions, config.metrics_cache_s)
@@ -107,9 +131,14 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
     if config.metrics_port:  # before the gRPC server: a busy port fails with nothing started
         stop_metrics = serve_metrics(metrics.registry, config.host, config.metrics_port)
         log.info("control plane metrics on http://%s:%d/metrics", config.host, config.metrics_port)
-    # Metrics first, so the admin token check's refusals are counted too.
+    # Metrics first, so the refusals of the drain and the admin token check count too.
+    drain = DrainInterceptor(f"/{SERVICE_NAME}/")
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(metrics), AdminTokenInterceptor(config.admin_token)],
+        interceptors=[
+            RpcMetricsInterceptor(metrics),
+            drain,
+            AdminTokenInterceptor(config.admin_token),
+        ],
         # gRPC shares a taken port by default (SO_REUSEPORT): a second server would
         # silently split the traffic. Binding must fail instead.
         options=[("grpc.so_reuseport", 0)],
@@ -131,12 +160,14 @@ async def start_control_plane(config: ControlPlaneConfig) -> RunningControlPlane
     task = asyncio.create_task(reconciler.run(), name="reconciler")
     log.info("control plane listening on %s:%d", config.host, port)
     return RunningControlPlane(
-        server, port, reconciler, services, db_engine, metrics, task, client, stop_metrics
-    )
+        server, port, reconciler, services, db_engine, metrics, task, client, health_servicer,
+        drain, stop_metrics,
+    )  # fmt: skip
 
 
 async def serve_control_plane(config: ControlPlaneConfig) -> None:
-    """Serve until SIGINT/SIGTERM or cancellation."""
+    """Serve until SIGINT/SIGTERM or cancellation, then stop with the configured grace
+    (RunningControlPlane.stop) and return, also when the database is out of reach."""
     running = await start_control_plane(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,4 +179,4 @@ async def serve_control_plane(config: ControlPlaneConfig) -> None:
     try:
         await stop.wait()
     finally:
-        await running.stop()
+        await running.stop(config.shutdown_grace_s)

@@ -1,8 +1,9 @@
 """The ControlPlane gRPC servicer: translate requests to service calls and back.
 
 Services are synchronous (SQLAlchemy sessions) and run in worker threads. A ServiceError
-becomes its status code with its sentence; anything else is logged and answered
-INTERNAL without details.
+becomes its status code with its sentence; a database that is down or too slow
+answers UNAVAILABLE (retry later); anything else is logged and answered INTERNAL
+without details.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from control_plane import convert
 from control_plane.admin_auth import bearer_token, is_admin_token
+from control_plane.db import database_unreachable
 from control_plane.errors import ErrorCode, ServiceError
 from control_plane.services.adapters import AdapterService
 from control_plane.services.base_models import BaseModelService
@@ -48,7 +50,10 @@ def _translated(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except ServiceError as exc:
             await context.abort(grpc.StatusCode[exc.code.value], exc.message)
             raise  # unreachable: abort raises
-        except Exception:
+        except Exception as exc:
+            if database_unreachable(exc):
+                log.warning("%s: the database is unreachable: %s", method.__name__, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_UNAVAILABLE)
             log.exception("%s failed", method.__name__)
             await context.abort(
                 grpc.StatusCode.INTERNAL, "internal error in the control plane; see its log"
@@ -56,6 +61,12 @@ def _translated(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise
 
     return wrapper
+
+
+DATABASE_UNAVAILABLE = (
+    "the control plane cannot reach its database right now (down, restarting or too "
+    "slow); retry in a few seconds"
+)
 
 
 def _actor(context: grpc.aio.ServicerContext) -> str:
@@ -195,7 +206,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
 
     @_translated
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
-        usage = {u.key_id: convert.from_timestamp(u.last_used_at) for u in request.key_usage}
+        usage = {
+            u.key_id: convert.from_timestamp(u.last_used_at, "key_usage.last_used_at")
+            for u in request.key_usage
+        }
         await asyncio.to_thread(
             self._s.engines.heartbeat,
             request.engine_id,
@@ -222,7 +236,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             )
         caller: str | None = None
         if not is_admin_token(token, self._admin_token):
-            caller = await asyncio.to_thread(self._s.tenants.authenticate, token)
+            caller = await self._s.tenants.authenticate_async(token, context.peer())
         resolution = await asyncio.to_thread(
             self._s.engines.resolve_adapter, request.adapter, caller
         )

@@ -55,7 +55,11 @@ def parse_key(key: str) -> ParsedKey:
 
 
 def hash_secret(
-    secret: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P,
+    secret: str,
+    *,
+    n: int = SCRYPT_N,
+    r: int = SCRYPT_R,
+    p: int = SCRYPT_P,
     salt: bytes | None = None,
 ) -> str:
     """Slow salted hash of `secret` as `scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>`."""
@@ -80,3 +84,19 @@ def verify_secret(secret: str, encoded: str) -> bool:
     except (ValueError, OverflowError):
         return False
     return hmac.compare_digest(digest, expected)
+
+
+# Admin tokens guard every admin RPC of the control plane and engines; `loraplex up`
+# makes one of 32 URL-safe characters (192 bits). The servers refuse shorter ones.
+MIN_ADMIN_TOKEN_CHARS = 32
+
+
+def check_admin_token(token: str) -> None:
+    """Raise ValueError, saying how to make a good one, for a set token shorter than
+    MIN_ADMIN_TOKEN_CHARS ("" = none set: whether that is allowed is the caller's call)."""
+    if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ValueError(
+            f"the admin token is {len(token)} characters long; use at least "
+            f"{MIN_ADMIN_TOKEN_CHARS} random ones, e.g. "
+            "LORAPLEX_ADMIN_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )

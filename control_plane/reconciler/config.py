@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 PERMANENT_CODES = frozenset(
     {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED"}
 )
+MAX_OWNER_LENGTH = 64  # engines.lease_owner
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class ReconcilerConfig:
     # Engines silent this long are presumed gone: no more key pushes. Stale engines
     # (silent for `heartbeat_timeout_s`) still get them: they may still be serving.
     gone_after_s: float = 300.0
+    # Who holds the engine leases this replica takes. Keep it stable across restarts
+    # (the CLI uses cp-<hostname>-<port>): a replica killed mid-pass and started again takes its
+    # engines back at once instead of waiting `lease_s` for its old leases to run out.
     owner: str = field(default_factory=lambda: f"cp-{uuid.uuid4().hex[:12]}")
 
     def __post_init__(self) -> None:
@@ -70,6 +74,10 @@ class ReconcilerConfig:
             )
         if self.gone_after_s < self.heartbeat_timeout_s:
             raise ValueError("reconciler gone_after_s must not be below heartbeat_timeout_s")
+        if not 0 < len(self.owner) <= MAX_OWNER_LENGTH:
+            raise ValueError(
+                f"the replica id must be 1 to {MAX_OWNER_LENGTH} characters, not {self.owner!r}"
+            )
 
     @property
     def renew_every_s(self) -> float:

@@ -16,7 +16,10 @@ class EngineClient:
     """Counts every load, eviction and key sync by outcome in `metrics`."""
 
     def __init__(
-        self, admin_token: str, rpc_timeout_s: float, load_timeout_s: float,
+        self,
+        admin_token: str,
+        rpc_timeout_s: float,
+        load_timeout_s: float,
         metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else ControlPlaneMetrics()
@@ -39,7 +42,9 @@ class EngineClient:
         )
         return {
             a.adapter_id: ObservedAdapter(
-                adapter_id=a.adapter_id, aliases=frozenset(a.aliases), sha256=a.sha256,
+                adapter_id=a.adapter_id,
+                aliases=frozenset(a.aliases),
+                sha256=a.sha256,
                 evicting=a.evicting,
             )
             for a in reply.adapters
@@ -48,8 +53,12 @@ class EngineClient:
     async def load(self, address: str, action: Load) -> tuple[str, str]:
         """`("", "")` on success, else `(status name, engine's message)`."""
         request = pb.LoadAdapterRequest(
-            adapter_id=action.adapter_id, path=action.path, sha256=action.sha256,
-            tenant=action.tenant, aliases=list(action.aliases),
+            adapter_id=action.adapter_id,
+            path=action.path,
+            sha256=action.sha256,
+            tenant=action.tenant,
+            aliases=list(action.aliases),
+            config_sha256=action.config_sha256,
         )
         try:
             await self._stub(address).LoadAdapter(
@@ -64,7 +73,8 @@ class EngineClient:
     async def evict(self, address: str, adapter_id: str) -> tuple[str, str]:
         try:
             await self._stub(address).EvictAdapter(
-                pb.EvictAdapterRequest(adapter_id=adapter_id), timeout=self._timeout,
+                pb.EvictAdapterRequest(adapter_id=adapter_id),
+                timeout=self._timeout,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:

@@ -9,6 +9,12 @@ stale, and pushes the table only to those whose acknowledged generation, for the
 current boot id, is behind. Each push runs in its own task, so a hung engine delays
 no other. Pushes need no lease: engines ignore a table older than the one they hold,
 so every replica may push to every engine.
+
+The database never lowers the generation, so one below what an engine answers or an
+earlier round read means the database went back (restored from a backup). The higher
+tables engines hold would then shadow the database's for ever (engines ignore a lower
+generation), so the generation is moved past it (logged, audited, counted) and the
+database's table goes out to every engine.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from datetime import datetime, timedelta
 
 import grpc
 
+from control_plane.metrics import ControlPlaneMetrics
 from control_plane.reconciler.engine_client import EngineClient
 from control_plane.reconciler.store import KeyTable, KeyTarget, ReconcileStore
+from control_plane.reconciler.waiting import in_thread, log_failure, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,9 @@ class KeyPusher:
         clock: Callable[[], datetime],
         interval_s: float,
         gone_after: timedelta,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._client = client
         self._clock = clock
@@ -45,24 +55,29 @@ class KeyPusher:
         self._acked: dict[int, tuple[str, int]] = {}  # engine id -> (boot id, generation held)
         self._pushing: dict[int, asyncio.Task[None]] = {}
         self._failing: set[int] = set()  # engines whose last push failed (logged once)
+        self._stopping = False
 
     def wake(self) -> None:
         """Start a round now. Call on the event loop's thread."""
         self._wake.set()
 
+    def stop_soon(self) -> None:
+        """No round starts after this; cancel `run` to end the one under way."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Round after round until cancelled; a failed round is logged and retried."""
+        """Round after round until `stop_soon` or cancelled; a failed round is logged
+        and retried."""
         try:
-            while True:
+            while not self._stopping:
                 self._wake.clear()
                 try:
                     await self.push_once()
-                except Exception:
-                    log.exception("key table round failed")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
-                except TimeoutError:
-                    pass
+                except Exception as exc:
+                    log_failure(log, "key table round failed", exc)
+                if not self._stopping:
+                    await wait_event(self._wake, self._interval_s)
         finally:
             pushing = list(self._pushing.values())
             for task in pushing:
@@ -71,9 +86,11 @@ class KeyPusher:
 
     async def push_once(self) -> None:
         """Start a push to every engine that is behind; does not wait for the pushes."""
-        generation, targets = await asyncio.to_thread(
+        generation, targets = await in_thread(
             self._store.key_targets, self._clock(), self._gone_after
         )
+        if generation < self._newest:  # below an earlier read: the database went back
+            await self._move_past(self._newest, "this control plane's last read")
         self._newest = max(self._newest, generation)
         known = {t.engine_id for t in targets}
         self._acked = {e: acked for e, acked in self._acked.items() if e in known}
@@ -81,7 +98,7 @@ class KeyPusher:
         if not behind:
             return
         # Read after the targets: at least as new as the generation they were compared to.
-        table_generation, keys = await asyncio.to_thread(self._store.key_table)
+        table_generation, keys = await in_thread(self._store.key_table)
         self._newest = max(self._newest, table_generation)
         for target in behind:
             self._pushing[target.engine_id] = asyncio.create_task(
@@ -112,5 +129,30 @@ class KeyPusher:
             self._pushing.pop(target.engine_id, None)
         self._failing.discard(target.engine_id)
         self._acked[target.engine_id] = (target.boot_id, held)
+        if held > generation:  # another replica's newer push, or a restored database
+            await self._move_past(held, f"engine {target.address}")
         if held < self._newest:
             self._wake.set()  # the table changed while this push was in flight
+
+    async def _move_past(self, held: int, holder: str) -> None:
+        """`holder` has seen generation `held`: if the database is below it, move the
+        generation past it, so the next round pushes the database's table everywhere."""
+        try:
+            moved = await in_thread(self._store.advance_key_generation, held, holder, self._clock())
+        except Exception as exc:  # the next round or push compares again
+            log_failure(log, f"cannot compare {holder}'s key table with the database", exc)
+            return
+        if moved is None:
+            return  # the database has reached `held`: a push that lost a race
+        log.warning(
+            "%s saw key table generation %d, newer than the database's: the database "
+            "went back (restored?); moved the generation to %d so every engine takes the "
+            "database's keys",
+            holder,
+            held,
+            moved,
+        )
+        if self._metrics is not None:
+            self._metrics.key_generation_restores.inc()
+        self._newest = max(self._newest, moved)
+        self._wake.set()

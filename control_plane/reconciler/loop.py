@@ -6,6 +6,9 @@ failures (store). Database work runs in threads; engine calls run concurrently a
 engines and in plan order within one engine. Beside the passes run two tasks: the key
 table pushes (key_sync.py), so a revocation never waits for a slow Load, and the lease
 renewals, so a long pass keeps its engines.
+
+Stopping (`stop_soon`, then cancelling `run`) ends the loops for sure, and only once the
+database work under way has finished (waiting.py says why both need care).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from control_plane.reconciler.plan import (
     plan,
 )
 from control_plane.reconciler.store import LoadOutcome, PassResult, ReconcileStore
+from control_plane.reconciler.waiting import in_thread, log_failure, wait_event
 
 __all__ = ["PassReport", "Reconciler", "ReconcilerConfig"]
 log = logging.getLogger(__name__)
@@ -68,9 +72,11 @@ class Reconciler:
             clock,
             config.key_sync_interval_s,
             timedelta(seconds=config.gone_after_s),
+            self._metrics,
         )
         # time.monotonic() when the leases this replica last wrote run out.
         self._lease_deadline = 0.0
+        self._stopping = False
 
     def nudge(self) -> None:
         """Ask for a key table round and a pass soon. Safe from any thread."""
@@ -89,29 +95,41 @@ class Reconciler:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def stop_soon(self) -> None:
+        """No pass starts after this one; cancel `run` to cut the current pass short.
+        Call on the event loop's thread."""
+        self._stopping = True
+        self._keys.stop_soon()
+        self._wake_all()
+
     async def run(self) -> None:
-        """Pass after pass until cancelled; a failed pass is logged and retried later."""
+        """Pass after pass until `stop_soon` or cancelled; a failed pass is logged and
+        retried later. On the way out the leases are released if the database answers
+        (else they run out after `lease_s`)."""
         self.bind(asyncio.get_running_loop())
         helpers = [
             asyncio.create_task(self._keys.run(), name="key-sync"),
             asyncio.create_task(self._renew_leases(), name="lease-renewal"),
         ]
         try:
-            while True:
+            while not self._stopping:
                 self._wake.clear()
                 try:
                     await self.reconcile_once()
-                except Exception:
-                    log.exception("reconcile pass failed")
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._config.interval_s)
-                except TimeoutError:
-                    pass
+                except Exception as exc:
+                    log_failure(log, "reconcile pass failed", exc)
+                if not self._stopping:
+                    await wait_event(self._wake, self._config.interval_s)
         finally:
+            self._stopping = True
+            self._keys.stop_soon()
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            await asyncio.shield(asyncio.to_thread(self._store.release, self._config.owner))
+            try:
+                await in_thread(self._store.release, self._config.owner)
+            except Exception as exc:
+                log_failure(log, "cannot release engine leases; they run out on their own", exc)
 
     async def _renew_leases(self) -> None:
         """Renew this replica's leases every `lease_s / 3`, in and between passes."""
@@ -119,9 +137,9 @@ class Reconciler:
             await asyncio.sleep(self._config.renew_every_s)
             started = time.monotonic()
             try:
-                await asyncio.to_thread(self._store.renew, self._config.owner, self._clock())
-            except Exception:
-                log.exception("cannot renew engine leases; calls stop before they lapse")
+                await in_thread(self._store.renew, self._config.owner, self._clock())
+            except Exception as exc:
+                log_failure(log, "cannot renew engine leases; calls stop before they lapse", exc)
                 continue
             self._lease_deadline = max(self._lease_deadline, started + self._config.lease_s)
 
@@ -133,7 +151,7 @@ class Reconciler:
     async def _pass(self) -> PassReport:
         now = self._clock()
         started = time.monotonic()
-        snapshot, stale = await asyncio.to_thread(self._store.begin_pass, self._config.owner, now)
+        snapshot, stale = await in_thread(self._store.begin_pass, self._config.owner, now)
         self._lease_deadline = max(self._lease_deadline, started + self._config.lease_s)
         for address in stale:
             log.warning("engine %s missed its heartbeats; nothing is placed on it", address)
@@ -159,7 +177,7 @@ class Reconciler:
         )
         loads = tuple(o for outcomes, _ in results for o in outcomes)
         evictions = sum(n for _, n in results)
-        failed_versions = await asyncio.to_thread(
+        failed_versions = await in_thread(
             self._store.finish_pass,
             desired,
             PassResult(observed=observed, loads=loads),

@@ -23,6 +23,7 @@ class VersionSpec:
     aliases: tuple[str, ...]  # ("tenant/name",) on the current version, else ()
     base_model_id: int
     replicas: int  # 0 = every live engine of the base model
+    config_sha256: str = ""  # of adapter_config.json as registered: engines check it
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Load:
     sha256: str
     tenant: str
     aliases: tuple[str, ...]
+    config_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,14 @@ def _can_take(
 
 def _load(engine_id: int, spec: VersionSpec, aliases: tuple[str, ...]) -> Load:
     return Load(
-        engine_id, spec.version_id, spec.adapter_id, spec.path, spec.sha256, spec.tenant, aliases
+        engine_id,
+        spec.version_id,
+        spec.adapter_id,
+        spec.path,
+        spec.sha256,
+        spec.tenant,
+        aliases,
+        spec.config_sha256,
     )
 
 

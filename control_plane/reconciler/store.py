@@ -188,6 +188,18 @@ class ReconcileStore:
             engines = EngineRepository(session).heard_from_since(now - gone_after)
             return generation, [KeyTarget(e.id, e.address, e.boot_id) for e in engines]
 
+    def advance_key_generation(self, held: int, address: str, now: datetime) -> int | None:
+        """An engine holds generation `held`: if the database is behind it (restored),
+        move the generation past it and audit that; the new generation, else None."""
+        with self._ctx.sessions.begin() as session:
+            moved = KeyTableGeneration(session).advance_past(held)
+            if moved is not None:
+                details = {"engine_held": held, "now": moved}
+                AuditRepository(session).record(
+                    ACTOR, "key_table.generation_restored", address, now, details
+                )
+            return moved
+
     def key_table(self) -> tuple[int, KeyTable]:
         """`(generation, keys)`: the generation is read first (see KeyTableGeneration)."""
         with self._ctx.sessions.begin() as session:
@@ -259,6 +271,7 @@ def _specs(rows: Sequence[Row[Any]]) -> list[VersionSpec]:
             aliases=(adapter_alias(row.tenant, row.name),) if row.current else (),
             base_model_id=row.base_model_id,
             replicas=row.replicas,
+            config_sha256=row.config_sha256,
         )
         for row in rows
     ]

@@ -137,6 +137,22 @@ class KeyTableGeneration:
             return 2
         return int(value)
 
+    def advance_past(self, held: int) -> int | None:
+        """After a database restore an engine may hold a generation the database never
+        reached again: move the generation to `held + 1` (under the row's lock), so
+        engines take the database's table. None when it is already at `held` or beyond
+        (the engine's table came from this database)."""
+        query = select(Counter).where(Counter.name == KEY_TABLE_GENERATION).with_for_update()
+        row = self._session.scalar(query)
+        if row is not None and row.value >= held:
+            return None
+        if row is None:
+            row = Counter(name=KEY_TABLE_GENERATION, value=held + 1)
+            self._session.add(row)
+        row.value = held + 1
+        self._session.flush()
+        return held + 1
+
     def current(self) -> int:
         """The generation now. Read it before the keys it describes: a change committed
         in between carries a higher generation and is pushed again, so a key table never

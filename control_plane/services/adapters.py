@@ -7,7 +7,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from control_plane.adapter_source import WEIGHTS_FILE, config_sha256, resolve_adapter_uri
+from control_plane.adapter_source import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    config_sha256,
+    resolve_adapter_uri,
+)
 from control_plane.errors import ErrorCode, ServiceError, invalid, not_found, precondition
 from control_plane.models import Adapter, AdapterVersion, Tenant, TenantState, VersionState
 from control_plane.records import AdapterPage, AdapterRecord, VersionRecord
@@ -73,7 +78,16 @@ class AdapterService:
                 raise not_found(f"no base model named {base_model!r}; register it first")
             model_id, max_rank, raw_config = model.id, model.max_lora_rank, model.config
         folder = resolve_adapter_uri(uri, self._roots)
+        # The config is hashed around its validation: the sha256 recorded (and checked
+        # by every engine before it loads the version) is that of the config validated.
+        config_before = config_sha256(folder)
         summary = _validated(folder, raw_config, base_model, max_rank)
+        if config_sha256(folder) != config_before:
+            raise ServiceError(
+                ErrorCode.UNAVAILABLE,
+                f"{folder / CONFIG_FILE} changed while it was being registered; register "
+                "the adapter again once its files are completely written",
+            )
         if sha256 and summary.sha256 != sha256.lower():
             raise precondition(
                 f"{folder / WEIGHTS_FILE} has sha256 {summary.sha256}, not the given "
@@ -81,7 +95,7 @@ class AdapterService:
             )
         content = {
             "sha256": summary.sha256,
-            "config_sha256": config_sha256(folder),
+            "config_sha256": config_before,
             "base_model_id": model_id,
         }
         now = self._ctx.clock()

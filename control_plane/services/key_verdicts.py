@@ -35,6 +35,14 @@ class KeyVerdicts:
             self._verdicts.move_to_end(digest)
             return cached[2]
 
+    def accepted(self, digest: bytes) -> bool:
+        """Whether this presented key was accepted before (against whichever hash): such
+        a key passes the failure limits, and `get` still checks it against the stored
+        hash once the row is read."""
+        with self._lock:
+            cached = self._verdicts.get(digest)
+            return cached is not None and cached[2]
+
     def put(self, digest: bytes, key_id: str, secret_hash: str, verdict: bool) -> None:
         with self._lock:
             self._verdicts[digest] = (key_id, secret_hash, verdict)

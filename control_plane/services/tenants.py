@@ -1,8 +1,16 @@
-"""Tenants and their API keys, and checking a key a tenant presents."""
+"""Tenants and their API keys, and checking a key a tenant presents.
+
+Checking a key runs scrypt the first time a presented key meets its stored hash; that
+runs on a `KeyGuard`'s bounded pool behind limits on failures per key id and per peer
+(`loraplex.key_guard`), so wrong secrets cannot hold the threads database work runs on.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
@@ -22,14 +30,32 @@ from control_plane.services.common import (
     check_text,
 )
 from control_plane.services.key_verdicts import KeyVerdicts
-from loraplex.keys import KeyFormatError, hash_secret, new_key, parse_key, verify_secret
+from loraplex.key_guard import KeyGuard, TooManyFailures, VerifierBusy, peer_host
+from loraplex.keys import KeyFormatError, hash_secret, new_key, parse_key
+
+_REFUSED = "API key is unknown or revoked, or its tenant is disabled; ask the admin for a key"
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A presented key of an active tenant whose secret scrypt must check."""
+
+    key_id: str
+    secret: str
+    secret_hash: str
+    digest: bytes
+    tenant: str
+    peer: str
 
 
 class TenantService:
-    def __init__(self, ctx: ServiceContext, default_max_adapters: int) -> None:
+    def __init__(
+        self, ctx: ServiceContext, default_max_adapters: int, guard: KeyGuard | None = None
+    ) -> None:
         self._ctx = ctx
         self._default_max_adapters = default_max_adapters
         self._verdicts = KeyVerdicts()
+        self.guard = guard or KeyGuard()
 
     def create_tenant(self, name: str, max_adapters: int, actor: str) -> TenantRecord:
         """`max_adapters` 0 means the control plane's default."""
@@ -108,35 +134,70 @@ class TenantService:
                 tenant_id = _require_tenant(TenantRepository(session), tenant_name).id
             return [_key_record(k, n) for k, n in ApiKeyRepository(session).list(tenant_id)]
 
-    def authenticate(self, api_key: str) -> str:
+    def authenticate(self, api_key: str, peer: str = "") -> str:
         """The tenant of a valid key of an active tenant; UNAUTHENTICATED otherwise.
 
         Revocation and the tenant's state are read on every call; the scrypt check runs
-        once per presented key and stored hash (see KeyVerdicts).
+        once per presented key and stored hash (see KeyVerdicts). RESOURCE_EXHAUSTED
+        after too many failures for the key id or from `peer` (a gRPC peer string),
+        UNAVAILABLE when the scrypt pool is full. Blocks while scrypt runs; on an event
+        loop use `authenticate_async`.
         """
-        refused = ServiceError(
-            ErrorCode.UNAUTHENTICATED,
-            "API key is unknown or revoked, or its tenant is disabled; ask the admin for a key",
-        )
+        step = self._begin(api_key, peer)
+        if isinstance(step, str):
+            return step
+        return self._finish(step, self._submit(step).result())
+
+    async def authenticate_async(self, api_key: str, peer: str = "") -> str:
+        """`authenticate` for the event loop: the database read in a worker thread, then
+        scrypt awaited on the guard's pool, so no worker thread waits on scrypt."""
+        step = await asyncio.to_thread(self._begin, api_key, peer)
+        if isinstance(step, str):
+            return step
+        return self._finish(step, await asyncio.wrap_future(self._submit(step)))
+
+    def _begin(self, api_key: str, peer: str) -> str | _Pending:
+        """The tenant when the verdict is known, else what scrypt must check. Raises
+        ServiceError for a refusal, before the database read when the caller is over
+        its failure limit (a key accepted before is not held back)."""
         try:
             parsed = parse_key(api_key)
         except KeyFormatError as exc:
             raise ServiceError(ErrorCode.UNAUTHENTICATED, f"malformed API key: {exc}") from exc
+        digest = hashlib.sha256(api_key.encode()).digest()
+        host = peer_host(peer)
+        if not self._verdicts.accepted(digest):
+            try:
+                self.guard.check(parsed.key_id, host)
+            except TooManyFailures as exc:
+                raise ServiceError(ErrorCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         with self._ctx.sessions.begin() as session:
             found = ApiKeyRepository(session).get(parsed.key_id)
         if found is None or found[0].revoked_at is not None:
-            raise refused
+            raise ServiceError(ErrorCode.UNAUTHENTICATED, _REFUSED)
         key, tenant = found
         if tenant.state != TenantState.ACTIVE:
-            raise refused
-        digest = hashlib.sha256(api_key.encode()).digest()
+            raise ServiceError(ErrorCode.UNAUTHENTICATED, _REFUSED)
         verdict = self._verdicts.get(digest, key.key_id, key.secret_hash)
-        if verdict is None:
-            verdict = verify_secret(parsed.secret, key.secret_hash)
-            self._verdicts.put(digest, key.key_id, key.secret_hash, verdict)
+        if verdict is not None:
+            if not verdict:
+                raise ServiceError(ErrorCode.UNAUTHENTICATED, _REFUSED)
+            return tenant.name
+        return _Pending(parsed.key_id, parsed.secret, key.secret_hash, digest, tenant.name, host)
+
+    def _submit(self, step: _Pending) -> Future[bool]:
+        try:
+            return self.guard.submit(step.secret, step.secret_hash, step.key_id, step.peer)
+        except TooManyFailures as exc:
+            raise ServiceError(ErrorCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except VerifierBusy as exc:
+            raise ServiceError(ErrorCode.UNAVAILABLE, str(exc)) from exc
+
+    def _finish(self, step: _Pending, verdict: bool) -> str:
+        self._verdicts.put(step.digest, step.key_id, step.secret_hash, verdict)
         if not verdict:
-            raise refused
-        return tenant.name
+            raise ServiceError(ErrorCode.UNAUTHENTICATED, _REFUSED)
+        return step.tenant
 
 
 def _require_tenant(tenants: TenantRepository, name: str, *, for_update: bool = False) -> Tenant:

@@ -2,13 +2,17 @@
 
 Load and evict are idempotent and say what happened, so the control plane's
 reconciler can push them blindly. When the engine runs with an admin token, every
-call must carry `authorization: Bearer <admin token>`.
+call must carry `authorization: Bearer <admin token>`; without one, EngineAdmin is
+served to loopback callers only, so a standalone engine bound to a public address is
+not open to whoever reaches its port. LoadAdapter reads only under the engine's
+adapter roots, and refuses to read anything when none are configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 from collections.abc import Callable
 from datetime import datetime
 
@@ -23,6 +27,7 @@ from engine.lora.errors import (
 )
 from engine.lora.registry import AdapterRecord, AdapterRegistry
 from engine.server.auth import ApiKeyTable
+from loraplex.key_guard import peer_host
 from loraplex.v1 import engine_admin_pb2 as pb
 from loraplex.v1 import engine_admin_pb2_grpc
 
@@ -34,6 +39,7 @@ _INCOMPATIBLE = frozenset(
         "layer_out_of_range",
         "rank_too_large",
         "sha256_mismatch",
+        "config_sha256_mismatch",
         "dora",
         "modules_to_save",
         "unsupported_option",
@@ -49,18 +55,33 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
         keys: ApiKeyTable,
         engine_info: Callable[[], pb.EngineInfo],
         admin_token: str,
+        require_tenant: bool = False,  # under a control plane: no adapter is nobody's
     ) -> None:
         self._engine = engine
         self._adapters = adapters
         self._keys = keys
         self._engine_info = engine_info
         self._admin_token = admin_token
+        self._require_tenant = require_tenant
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context):  # noqa: N802
         await self._check_admin(context)
         if not request.adapter_id or not request.path:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "LoadAdapter needs adapter_id and path"
+            )
+        if self._require_tenant and not request.tenant:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "this engine serves a control plane, where every adapter belongs to a "
+                "tenant: LoadAdapter needs tenant",
+            )
+        if not self._adapters.adapter_roots:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this engine has no adapter roots, so LoadAdapter may read no path: start "
+                "it with --adapter-root DIR (or LORAPLEX_ADAPTER_ROOTS=DIR[:DIR...]) naming "
+                "the folders adapters are loaded from",
             )
         try:
             outcome, record = await asyncio.to_thread(
@@ -70,6 +91,7 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
                 sha256=request.sha256,
                 tenant=request.tenant,
                 aliases=tuple(request.aliases),
+                config_sha256=request.config_sha256,
             )
         except AdapterPathError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
@@ -112,6 +134,13 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
 
     async def _check_admin(self, context) -> None:
         if not self._admin_token:
+            if not _is_loopback(context.peer()):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "this engine runs without an admin token, so EngineAdmin answers only "
+                    "callers on this machine (loopback); start the engine with --admin-token "
+                    "(or LORAPLEX_ADMIN_TOKEN) to manage it from elsewhere",
+                )
             return
         header = dict(context.invocation_metadata()).get("authorization", "")
         if not hmac.compare_digest(header.encode(), f"Bearer {self._admin_token}".encode()):
@@ -145,3 +174,17 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
         if isinstance(record.last_used, datetime):
             info.last_used.FromDatetime(record.last_used)
         return info
+
+
+def _is_loopback(peer: str) -> bool:
+    """True for a gRPC peer on this machine: 127.0.0.0/8, ::1 (also IPv4-mapped), or a
+    unix socket."""
+    if peer.startswith(("unix:", "unix-abstract:")):
+        return True
+    try:
+        address = ipaddress.ip_address(peer_host(peer))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback

@@ -4,6 +4,8 @@ Registration is retried with capped exponential backoff while the control plane 
 down; a heartbeat answered NOT_FOUND or FAILED_PRECONDITION (the control plane forgot
 this engine, or knows it under another boot id) registers again. Never raises but
 for cancellation: the engine keeps serving whatever the control plane's state.
+Each answered registration or heartbeat tells the key table that the control plane is
+still there (`ApiKeyTable.touch`): a table not heard of for its TTL stops accepting keys.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ async def run_control_link(
 ) -> None:
     """Keep this engine registered and heartbeating until cancelled.
 
-    `key_table`, when given, reports which keys were used (ApiKey.last_used_at).
+    `key_table`, when given, reports which keys were used (ApiKey.last_used_at) and
+    is touched on every answer.
     """
     metadata = (("authorization", f"Bearer {config.admin_token}"),)
     # Key usage not yet acknowledged by a heartbeat: `{key_id: unix time of last use}`.
@@ -55,6 +58,8 @@ async def run_control_link(
         stub = pb_grpc.ControlPlaneStub(channel)
         while True:
             engine_id = await _register(stub, config, engine_info, metadata)
+            if key_table is not None:
+                key_table.touch()
             await _heartbeat_until_forgotten(
                 stub, config, engine_info, key_table, metadata, engine_id, pending
             )
@@ -143,6 +148,8 @@ async def _heartbeat_until_forgotten(
             )
             continue  # key usage stays pending for the next heartbeat
         pending.clear()
+        if key_table is not None:
+            key_table.touch()
 
 
 def _usage(key_id: str, at: float) -> pb.KeyUsage:

@@ -15,7 +15,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.server import RunningControlPlane, start_control_plane
 from loraplex.v1 import control_plane_pb2_grpc
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-of-32-characters"
 T = TypeVar("T")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import engine_admin_pb2_grpc as admin_pb_grpc
 from tests.control_plane.cp_harness import ADMIN_TOKEN, BackgroundLoop, running_control_plane
 from tests.control_plane.test_reconciler import cp_config, wait_for
+from tests.ports import free_port
 
 
 class KeysOnlyEngineAdmin(admin_pb_grpc.EngineAdminServicer):
@@ -35,12 +35,6 @@ class KeysOnlyEngineAdmin(admin_pb_grpc.EngineAdminServicer):
 
     def ListAdapters(self, request, context):  # noqa: ANN001, ANN201, N802
         return admin_pb.ListAdaptersResponse()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_link_waits_for_the_control_plane_then_heartbeats_and_rejoins(

@@ -19,8 +19,8 @@ from loraplex.v1 import control_plane_pb2 as pb
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import engine_admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.control_plane.cp_harness import ADMIN_TOKEN, Client
-from tests.control_plane.test_control_link import free_port
 from tests.control_plane.test_reconciler import wait_for
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -36,8 +36,12 @@ class Process:
     def start(self) -> Process:
         env = {**os.environ, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", *self.args],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "loraplex.cli", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         return self
 
     def kill(self) -> None:
@@ -66,10 +70,13 @@ def generate(address: str, adapter: str, api_key: str) -> str:
     with grpc.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         request = inference_pb2.GenerateRequest(
-            adapter=adapter, text="Hello there",
-            sampling=inference_pb2.SamplingParams(max_new_tokens=4, ignore_eos=True))
-        responses = list(stub.Generate(request, timeout=60,
-                                       metadata=(("authorization", f"Bearer {api_key}"),)))
+            adapter=adapter,
+            text="Hello there",
+            sampling=inference_pb2.SamplingParams(max_new_tokens=4, ignore_eos=True),
+        )
+        responses = list(
+            stub.Generate(request, timeout=60, metadata=(("authorization", f"Bearer {api_key}"),))
+        )
     assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     return "".join(r.text for r in responses)
 
@@ -85,18 +92,37 @@ def refusal(address: str, adapter: str, api_key: str) -> grpc.StatusCode | None:
 def held(address: str) -> set[str]:
     with grpc.insecure_channel(address) as channel:
         reply = engine_admin_pb2_grpc.EngineAdminStub(channel).ListAdapters(
-            admin_pb.ListAdaptersRequest(), metadata=ADMIN, timeout=10)
+            admin_pb.ListAdaptersRequest(), metadata=ADMIN, timeout=10
+        )
     return {a.adapter_id for a in reply.adapters if not a.evicting}
 
 
 def test_end_to_end(  # noqa: PLR0915 - one story, told in order
-    clean_db: str, base_dir: Path, adapter_root: Path, good_adapter: Path,
-    other_adapter: Path, tmp_path: Path, processes: list[Process],
+    clean_db: str,
+    base_dir: Path,
+    adapter_root: Path,
+    good_adapter: Path,
+    other_adapter: Path,
+    tmp_path: Path,
+    processes: list[Process],
 ) -> None:
     cp_port = free_port()
-    cp_args = ["control-plane", "serve", "--database-url", clean_db, "--host", "127.0.0.1",
-               "--port", str(cp_port), "--adapter-root", str(adapter_root),
-               "--reconcile-interval", "0.5", "--heartbeat-timeout", "4"]
+    cp_args = [
+        "control-plane",
+        "serve",
+        "--database-url",
+        clean_db,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cp_port),
+        "--adapter-root",
+        str(adapter_root),
+        "--reconcile-interval",
+        "0.5",
+        "--heartbeat-timeout",
+        "4",
+    ]
     control = Process(cp_args, tmp_path / "control-plane.log").start()
     processes.append(control)
     channel = grpc.insecure_channel(f"127.0.0.1:{cp_port}")
@@ -105,18 +131,39 @@ def test_end_to_end(  # noqa: PLR0915 - one story, told in order
 
     def engine_process(port: int, name: str) -> Process:
         process = Process(
-            ["engine", "serve", "--model", str(base_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--kv-cache-tokens", "1024",
-             "--max-lora-rank", "16", "--control-plane", f"127.0.0.1:{cp_port}",
-             "--advertise", f"127.0.0.1:{port}", "--adapter-root", str(adapter_root)],
+            [
+                "engine",
+                "serve",
+                "--model",
+                str(base_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--kv-cache-tokens",
+                "1024",
+                "--max-lora-rank",
+                "16",
+                "--control-plane",
+                f"127.0.0.1:{cp_port}",
+                "--advertise",
+                f"127.0.0.1:{port}",
+                "--adapter-root",
+                str(adapter_root),
+            ],
             tmp_path / f"{name}.log",
         ).start()
         processes.append(process)
         return process
 
     def live_engines() -> set[str]:
-        return {e.address for e in admin.ListEngines(pb.ListEnginesRequest()).engines
-                if e.state == pb.ENGINE_STATE_LIVE}
+        return {
+            e.address
+            for e in admin.ListEngines(pb.ListEnginesRequest()).engines
+            if e.state == pb.ENGINE_STATE_LIVE
+        }
 
     admin.CreateTenant(pb.CreateTenantRequest(name="acme"))
     admin.CreateTenant(pb.CreateTenantRequest(name="globex"))
@@ -130,14 +177,26 @@ def test_end_to_end(  # noqa: PLR0915 - one story, told in order
 
     # Register -> loaded within seconds -> the tenant's key streams through it.
     start = time.monotonic()
-    admin.RegisterAdapter(pb.RegisterAdapterRequest(
-        tenant="acme", name="support", uri=str(good_adapter), base_model="tiny"))
-    admin.RegisterAdapter(pb.RegisterAdapterRequest(
-        tenant="acme", name="sales", uri=str(other_adapter), base_model="tiny"))
+    admin.RegisterAdapter(
+        pb.RegisterAdapterRequest(
+            tenant="acme", name="support", uri=str(good_adapter), base_model="tiny"
+        )
+    )
+    admin.RegisterAdapter(
+        pb.RegisterAdapterRequest(
+            tenant="acme", name="sales", uri=str(other_adapter), base_model="tiny"
+        )
+    )
     wait_for(lambda: {"acme/support@1", "acme/sales@1"} <= held(a_address), 10, "loads")
     assert time.monotonic() - start < 10
-    assert wait_for(lambda: refusal(a_address, "acme/support", acme.api_key) is None, 5,
-                    "the key on the engine") is True
+    assert (
+        wait_for(
+            lambda: refusal(a_address, "acme/support", acme.api_key) is None,
+            5,
+            "the key on the engine",
+        )
+        is True
+    )
     assert generate(a_address, "acme/support@1", acme.api_key)
     assert refusal(a_address, "acme/support", globex) == grpc.StatusCode.NOT_FOUND
     assert generate(a_address, "", globex)  # the base model is everyone's
@@ -145,22 +204,30 @@ def test_end_to_end(  # noqa: PLR0915 - one story, told in order
     # Revoke -> refused within 5 s.
     admin.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=acme.key_id))
     start = time.monotonic()
-    wait_for(lambda: refusal(a_address, "acme/support", acme.api_key)
-             == grpc.StatusCode.UNAUTHENTICATED, 5, "revocation")
+    wait_for(
+        lambda: refusal(a_address, "acme/support", acme.api_key) == grpc.StatusCode.UNAUTHENTICATED,
+        5,
+        "revocation",
+    )
     assert time.monotonic() - start < 5
     key = admin.CreateApiKey(pb.CreateApiKeyRequest(tenant="acme")).api_key
 
     # Retire -> evicted, and Generate says so.
     admin.RetireAdapter(pb.RetireAdapterRequest(tenant="acme", name="sales"))
     wait_for(lambda: "acme/sales@1" not in held(a_address), 10, "eviction")
-    assert refusal(a_address, "acme/sales", key) in (grpc.StatusCode.NOT_FOUND,
-                                                    grpc.StatusCode.FAILED_PRECONDITION)
+    assert refusal(a_address, "acme/sales", key) in (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
 
     # Kill and restart the engine: its adapters come back with no admin action.
     engine_a.kill()
     engine_a = engine_process(port_a, "engine-a-restarted")
-    wait_for(lambda: held(a_address) == {"acme/support@1"} if _up(a_address) else False, 90,
-             "the adapters back after the restart")
+    wait_for(
+        lambda: held(a_address) == {"acme/support@1"} if _up(a_address) else False,
+        90,
+        "the adapters back after the restart",
+    )
     wait_for(lambda: refusal(a_address, "acme/support", key) is None, 10, "keys back")
 
     # Restart the control plane: nothing lost.
@@ -177,17 +244,27 @@ def test_end_to_end(  # noqa: PLR0915 - one story, told in order
 
     # Two engines: the adapter on both; one killed, the other keeps serving.
     engine_process(port_b, "engine-b")
-    wait_for(lambda: _up(b_address) and "acme/support@1" in held(b_address), 90,
-             "the adapter on engine B")
+    wait_for(
+        lambda: _up(b_address) and "acme/support@1" in held(b_address),
+        90,
+        "the adapter on engine B",
+    )
     resolved = admin.ResolveAdapter(pb.ResolveAdapterRequest(adapter="acme/support"))
-    wait_for(lambda: set(admin.ResolveAdapter(pb.ResolveAdapterRequest(
-        adapter="acme/support")).endpoints) == {a_address, b_address}, 10, "both endpoints")
+    wait_for(
+        lambda: (
+            set(admin.ResolveAdapter(pb.ResolveAdapterRequest(adapter="acme/support")).endpoints)
+            == {a_address, b_address}
+        ),
+        10,
+        "both endpoints",
+    )
     assert resolved.adapter_id == "acme/support@1"
     engine_a.kill()
     assert generate(b_address, "acme/support", key)
     wait_for(lambda: live_engines() == {b_address}, 15, "engine A marked stale")
-    assert set(admin.ResolveAdapter(pb.ResolveAdapterRequest(
-        adapter="acme/support")).endpoints) == {b_address}
+    assert set(
+        admin.ResolveAdapter(pb.ResolveAdapterRequest(adapter="acme/support")).endpoints
+    ) == {b_address}
     channel.close()
 
 

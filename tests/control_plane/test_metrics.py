@@ -26,7 +26,8 @@ from tests.control_plane.test_reconciler import (
     wait_for,
 )
 from tests.engine_server import running_engine
-from tests.metrics_scrape import Samples, free_port, render, scrape, value
+from tests.metrics_scrape import Samples, render, scrape, value
+from tests.ports import free_port
 
 CP = "loraplex_control_plane_"
 

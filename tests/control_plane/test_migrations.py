@@ -15,7 +15,7 @@ from control_plane.reconciler.loop import ReconcilerConfig
 from control_plane.server import NotMigratedError, start_control_plane
 from loraplex.v1 import control_plane_pb2 as pb
 from tests.control_plane.conftest import create_database, drop_database
-from tests.control_plane.cp_harness import BackgroundLoop, running_control_plane
+from tests.control_plane.cp_harness import ADMIN_TOKEN, BackgroundLoop, running_control_plane
 
 
 def tables(url: str) -> set[str]:
@@ -72,7 +72,7 @@ def test_sqlite_embedded_default_smoke(
     """The embedded default: migrated at start, then the same RPCs work on SQLite."""
     config = ControlPlaneConfig(
         database_url=sqlite_url(tmp_path / "cp.db"),
-        admin_token="test-admin-token",
+        admin_token=ADMIN_TOKEN,
         adapter_roots=(adapter_root,),
         host="127.0.0.1",
         port=0,

@@ -17,7 +17,8 @@ from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import inference_pb2
 from tests.adapter_factory import make_peft_adapter
 from tests.engine_server import running_engine
-from tests.metrics_scrape import Samples, free_port, render, scrape, value
+from tests.metrics_scrape import Samples, render, scrape, value
+from tests.ports import free_port
 
 
 def scrape_until(port: int, check: Callable[[Samples], bool]) -> Samples:
@@ -98,7 +99,7 @@ def test_tenant_labels_adapter_gauges_and_auth_refusals(tiny_llama31_path, tmp_p
         tiny_llama31_path, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"], seed=1
     )
     key_id, secret, api_key = new_key()
-    with running_engine(config_for(tiny_llama31_path)) as running:
+    with running_engine(config_for(tiny_llama31_path, adapter_roots=(tmp_path,))) as running:
         running.admin.SyncApiKeys(
             admin_pb.SyncApiKeysRequest(
                 generation=1,

@@ -233,7 +233,7 @@ def test_a_hostile_pattern_in_load_adapter_is_refused_and_streams_go_on(
     raw = json.loads(config_path.read_text())
     raw["target_modules"] = "(" + "a*" * 40 + r")+\1"
     config_path.write_text(json.dumps(raw))
-    with running_engine(config_for(tiny_llama31_path)) as running:
+    with running_engine(config_for(tiny_llama31_path, adapter_roots=(tmp_path,))) as running:
         stream = running.inference.Generate(ids_request([5, 6, 7], 30))
         first = next(stream)
         with pytest.raises(grpc.RpcError) as caught:
@@ -258,7 +258,7 @@ def test_paths_that_cannot_hold_an_adapter_are_refused_cleanly(tiny_llama31_path
     os.mkfifo(fifo_adapter / "adapter_model.safetensors")
     cases = [("\x00", "NUL byte"), ("/proc/self", "system folder"),
              (str(fifo_adapter), "not a regular file")]  # fmt: skip
-    with running_engine(config_for(tiny_llama31_path)) as running:
+    with running_engine(config_for(tiny_llama31_path, adapter_roots=(tmp_path,))) as running:
         for path, words in cases:
             with pytest.raises(grpc.RpcError) as caught:
                 running.admin.LoadAdapter(

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
-from tests.test_cli import free_port
+from tests.ports import free_port
 
 
 def _request(max_new_tokens: int) -> inference_pb2.GenerateRequest:

@@ -29,7 +29,9 @@ def test_other_tenants_adapters_missing_and_evicted_ones_look_the_same(
     folder = make_peft_adapter(
         tiny_llama31_path, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"], seed=1
     )
-    config = EngineConfig(model_path=tiny_llama31_path, port=0, kv_cache_tokens=1024)
+    config = EngineConfig(
+        model_path=tiny_llama31_path, port=0, kv_cache_tokens=1024, adapter_roots=(tmp_path,)
+    )
     with running_engine(config) as running:
         entries = [
             admin_pb.ApiKeyEntry(key_id=key_id, secret_hash=hash_secret(secret), tenant=tenant)
