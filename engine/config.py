@@ -14,6 +14,8 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 0  # Prometheus /metrics over HTTP on `host`; 0 = off
+    # OpenAI-compatible HTTP API (/v1/...) and the /health, /ready probes on `host`; 0 = off
+    http_port: int = 0
     block_size: int = 16
     # KV cache capacity: on CUDA a fraction of the memory free after loading the
     # model and adapter slots; on the CPU a number of tokens.
@@ -52,6 +54,9 @@ class EngineConfig:
     admin_token: str = ""  # required by EngineAdmin when set
     control_plane: str = ""  # host:port of the control plane, "" = standalone
     advertise: str = ""  # address the control plane should dial back
+    # Under a control plane: how long the last key table is trusted without word from
+    # the control plane; then keys are refused UNAVAILABLE (a revocation may be missed).
+    key_table_ttl_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_loras < 0 or self.adapter_preload_threads < 1:
@@ -73,6 +78,15 @@ class EngineConfig:
                 "--control-plane needs --admin-token (or LORAPLEX_ADMIN_TOKEN), the same "
                 "token the control plane uses"
             )
+        if self.control_plane and self.adapter_dir is not None:
+            # Its adapters would have no tenant, so no API key could use them, and the
+            # control plane would not know them: it places tenants' adapters itself.
+            raise ValueError(
+                "--adapter-dir cannot be used with --control-plane: register adapters at the "
+                "control plane (loraplex adapters register), which places them on engines"
+            )
+        if not self.key_table_ttl_s > 0:
+            raise ValueError(f"--key-table-ttl must be positive, got {self.key_table_ttl_s}")
 
 
 def resolve_device(requested: str) -> str:

@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from engine.gateway_metrics import GatewayCollector
+
 if TYPE_CHECKING:
     import grpc
 
@@ -130,10 +132,13 @@ class EngineMetrics:
         self._phases = {k: self.step_phase.labels(k) for k in STEP_PHASES}
         self._watching = False
 
-    def watch(self, scheduler: Scheduler, adapters: AdapterRegistry) -> None:
-        """Adds the gauges read from these live objects at each scrape (once)."""
+    def watch(self, scheduler: Scheduler, adapters: AdapterRegistry, model_name: str = "") -> None:
+        """Adds the gauges read from these live objects at each scrape (once): the
+        `loraplex_engine_*` ones and the `vllm:*` ones inference gateways read
+        (`engine.gateway_metrics`), labelled with `model_name`."""
         if not self._watching:
             self.registry.register(_LiveStateCollector(scheduler, adapters))
+            self.registry.register(GatewayCollector(scheduler, adapters, model_name))
             self._watching = True
 
     # -- engine loop hooks ---------------------------------------------------------

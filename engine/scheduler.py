@@ -140,6 +140,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting) or bool(self._running)
 
+    def lora_activity(self) -> tuple[set[str], set[str]]:
+        """(adapters of running requests, adapters of waiting requests). Safe to call
+        from another thread (metrics): each container is copied in one C-level step
+        under the GIL, so the answer is a near-instant, possibly a step stale."""
+        running = {seq.adapter_id for seq in list(self._running.values()) if seq.adapter_id}
+        return running, set(self._waiting.adapter_ids())
+
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
 

@@ -80,6 +80,11 @@ class WaitingQueue:
     def num_waiting_for(self, adapter_id: str) -> int:
         return self._count.get(adapter_id, 0)
 
+    def adapter_ids(self) -> list[str]:
+        """Adapters with waiting requests (a copy, taken in one step: safe to call from
+        another thread)."""
+        return list(self._count)
+
     def most_wanted(self, limit: int, skip: Callable[[str], bool]) -> list[str]:
         """Up to `limit` adapters with waiting requests, most waiting requests first,
         leaving out those for which skip(adapter) is true."""

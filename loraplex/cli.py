@@ -12,6 +12,7 @@ from pathlib import Path
 
 from control_plane.cli import add_commands as add_control_plane_commands
 from engine.config import EngineConfig, resolve_device, resolve_dtype
+from loraplex.keys import check_admin_token
 from loraplex.up import add_command as add_up_command
 
 
@@ -62,6 +63,7 @@ def _engine_serve(args: argparse.Namespace) -> int:
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    check_admin_token(args.admin_token)
     device = resolve_device(args.device)
     return EngineConfig(
         model_path=resolve_model_path(args.model, Path(args.cache_dir)),
@@ -70,6 +72,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         block_size=args.block_size,
         gpu_memory_fraction=args.gpu_memory_fraction,
         kv_cache_tokens=args.kv_cache_tokens,
@@ -95,40 +98,42 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         admin_token=args.admin_token,
         control_plane=args.control_plane,
         advertise=args.advertise,
+        key_table_ttl_s=args.key_table_ttl,
     )
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import grpc
+    from loraplex.client import ChatMessage, Client, LoraplexError
 
-    from loraplex.v1 import inference_pb2, inference_pb2_grpc
-
-    request = inference_pb2.GenerateRequest(adapter=args.adapter)
-    if args.chat:
-        request.chat.messages.add(role="user", content=args.prompt)
-    else:
-        request.text = args.prompt
-    request.sampling.max_new_tokens = args.max_new_tokens
-    request.sampling.temperature = args.temperature
-    if args.seed is not None:
-        request.sampling.seed = args.seed
-    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-    with grpc.insecure_channel(args.target) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
+    prompt, messages = (
+        (None, [ChatMessage("user", args.prompt)]) if args.chat else (args.prompt, None)
+    )
+    failure = ""  # a sentence when the engine failed the request after it started
+    with Client(args.target, api_key=args.api_key) as client:
         try:
-            for response in stub.Generate(request, metadata=metadata):
-                print(response.text, end="", flush=True)
-                if response.finish_reason:
-                    reason = inference_pb2.FinishReason.Name(response.finish_reason)
+            for delta in client.generate(
+                prompt,
+                messages=messages,
+                adapter=args.adapter,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                timeout=args.timeout,
+            ):
+                print(delta.text, end="", flush=True)
+                if delta.finish_reason is not None and delta.usage is not None:
                     print(
-                        f"\n[{reason.removeprefix('FINISH_REASON_').lower()}: "
-                        f"{response.usage.prompt_tokens} prompt + "
-                        f"{response.usage.completion_tokens} completion tokens]",
+                        f"\n[{delta.finish_reason}: {delta.usage.prompt_tokens} prompt + "
+                        f"{delta.usage.completion_tokens} completion tokens]",
                         file=sys.stderr,
                     )
-        except grpc.RpcError as exc:
-            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                    failure = delta.error
+        except LoraplexError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
             return 1
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -146,6 +151,13 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) and the /health, /ready probes here (0 = off)",
     )
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda")
     serve.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -246,13 +258,25 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         help="mixed steps (prompts beside decodes) of up to this many tokens replay CUDA "
         "graphs; 0 = off (default: --max-mixed-prefill-tokens + --max-num-seqs)",
     )
-    serve.add_argument("--admin-token", default=os.environ.get("LORAPLEX_ADMIN_TOKEN", ""))
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("LORAPLEX_ADMIN_TOKEN", ""),
+        help="EngineAdmin calls must carry it (32+ characters; LORAPLEX_ADMIN_TOKEN); "
+        "without one EngineAdmin answers loopback callers only",
+    )
     serve.add_argument(
         "--control-plane",
         default=os.environ.get("LORAPLEX_CONTROL_PLANE", ""),
         help="HOST:PORT of the control plane to register with",
     )
     serve.add_argument("--advertise", default="", help="HOST:PORT the control plane dials back")
+    serve.add_argument(
+        "--key-table-ttl",
+        type=float,
+        default=EngineConfig.key_table_ttl_s,
+        help="seconds the API key table is trusted without word from the control plane; "
+        "then keys are refused UNAVAILABLE until it answers again",
+    )
     serve.set_defaults(func=_engine_serve)
 
     gen = subparsers.add_parser("generate", help="stream a completion from an engine")
@@ -264,6 +288,7 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     gen.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY", ""))
+    gen.add_argument("--timeout", type=float, default=None, help="seconds the whole call may take")
     gen.set_defaults(func=_generate)
 
 

@@ -2,7 +2,9 @@
 
 `build_engine` wires the parts (model, KV cache, scheduler, runner, adapters, keys);
 `serve` puts the Inference and EngineAdmin servicers, health and reflection on one
-grpc.aio server and, under a control plane, keeps the engine registered.
+grpc.aio server, with `--http-port` the OpenAI-compatible HTTP API on the same loop
+(both front ends share one `GenerationService`), and under a control plane keeps the
+engine registered. `engine.server.probes` says what health reports when.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.attention import supports_decode_graphs
@@ -38,9 +40,12 @@ from engine.model.loader import load_model, model_fingerprint
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.server.admin import EngineAdminServicer
-from engine.server.auth import ApiKeyTable
+from engine.server.auth import ApiKeyTable, KeyMetrics
 from engine.server.control_link import ControlLinkConfig, run_control_link
+from engine.server.generation import GenerationService
+from engine.server.http_api import HttpApi
 from engine.server.inference import InferenceServicer
+from engine.server.probes import ServingState
 from engine.server.validation import RequestLimits
 from engine.tokenizer import Tokenizer
 from loraplex.metrics_http import serve_metrics
@@ -140,8 +145,9 @@ def build_engine(
     lora_backend = config.lora_backend
     if lora_backend == "auto":
         lora_backend = "triton" if config.device.startswith("cuda") else "torch"
+    # --adapter-dir is a root too; with no roots at all LoadAdapter reads nothing.
     roots = config.adapter_roots
-    if config.adapter_dir is not None and roots:
+    if config.adapter_dir is not None:
         roots = (*roots, config.adapter_dir)
     adapters = AdapterRegistry(
         model_config,
@@ -173,7 +179,7 @@ def build_engine(
     if use_graphs:  # CUDA: compile the eager path's kernel variants before serving too
         log.info("warmed up the eager path in %.1f s", runner.warm_up(kv_cache.num_blocks - 1))
     metrics = EngineMetrics()
-    metrics.watch(scheduler, adapters)
+    metrics.watch(scheduler, adapters, model_config.name)
     engine = Engine(
         scheduler,
         runner,
@@ -194,7 +200,11 @@ def build_engine(
         tokenizer=tokenizer,
         engine=engine,
         adapters=adapters,
-        keys=ApiKeyTable(enforcing=bool(config.control_plane)),
+        keys=ApiKeyTable(
+            enforcing=bool(config.control_plane),
+            ttl_s=config.key_table_ttl_s if config.control_plane else None,
+            metrics=KeyMetrics(metrics.registry),
+        ),
         limits=RequestLimits(model_config.vocab_size, max_model_len, config.default_max_new_tokens),
         fingerprint=model_fingerprint(model_config, config.model_path),
         boot_id=uuid.uuid4().hex,
@@ -246,28 +256,27 @@ def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch
 
 
 async def _watch_engine_loop(
-    engine: Engine, health_servicer: health.aio.HealthServicer, link: asyncio.Task | None
+    engine: Engine, state: ServingState, link: asyncio.Task | None
 ) -> None:
-    """Once the engine loop thread has died: health says NOT_SERVING and the engine
-    stops heartbeating, so the control plane stops placing adapters on it."""
+    """Once the engine loop thread has died: health says NOT_SERVING (ready and alive)
+    and the engine stops heartbeating, so the control plane stops placing adapters on it."""
     while engine.is_alive():
         await asyncio.sleep(1.0)
     log.error("the engine loop has stopped; reporting NOT_SERVING")
-    await health_servicer.enter_graceful_shutdown()
+    await state.engine_stopped()
     if link is not None:
         link.cancel()
 
 
-async def _drain(
-    inference: InferenceServicer, health_servicer: health.aio.HealthServicer, grace_s: float
-) -> None:
-    """SIGTERM: report NOT_SERVING, refuse new calls, let the calls in flight finish for
-    up to `grace_s` seconds (then the engine stops and ends them as cancelled)."""
-    log.info("draining: %d calls in flight, up to %.0f s", inference.num_in_flight, grace_s)
-    await health_servicer.enter_graceful_shutdown()
-    inference.start_draining()
+async def _drain(service: GenerationService, state: ServingState, grace_s: float) -> None:
+    """SIGTERM: report not ready, refuse new calls (gRPC and HTTP), let the calls in
+    flight finish for up to `grace_s` seconds (then the engine stops and ends them as
+    cancelled)."""
+    log.info("draining: %d calls in flight, up to %.0f s", service.num_in_flight, grace_s)
+    await state.draining()
+    service.start_draining()
     deadline = asyncio.get_running_loop().time() + grace_s
-    while inference.num_in_flight and asyncio.get_running_loop().time() < deadline:
+    while service.num_in_flight and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -282,7 +291,7 @@ async def serve(
     # gRPC shares a taken port by default (SO_REUSEPORT): a second engine would silently
     # split the traffic. Binding must fail instead.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    inference = InferenceServicer(
+    service = GenerationService(
         parts.engine,
         parts.tokenizer,
         parts.limits,
@@ -293,15 +302,21 @@ async def serve(
         max_tenant_requests=config.max_tenant_requests,
         adapter_wait_s=config.adapter_wait_s,
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
     engine_admin_pb2_grpc.add_EngineAdminServicer_to_server(
         EngineAdminServicer(
-            parts.engine, parts.adapters, parts.keys, parts.info, config.admin_token
+            parts.engine,
+            parts.adapters,
+            parts.keys,
+            parts.info,
+            config.admin_token,
+            require_tenant=bool(config.control_plane),
         ),
         server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    state = ServingState(parts.engine, health_servicer)
     services = (
         inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
         engine_admin_pb2.DESCRIPTOR.services_by_name["EngineAdmin"].full_name,
@@ -315,9 +330,17 @@ async def serve(
         stop_metrics = serve_metrics(parts.metrics.registry, config.host, config.metrics_port)
         log.info("engine metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     parts.engine.start()
+    http = None
+    if config.http_port:
+        http = HttpApi(service, state, parts.model_config.name, parts.metrics.registry)
+        try:
+            await http.start(config.host, config.http_port)  # raises OSError if taken
+        except OSError:
+            parts.engine.stop()
+            raise
+        log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
     await server.start()
-    for name in ("", *services[:2]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await state.serving()
     log.info("engine serving on %s:%d", config.host, port)
     link = None
     if config.control_plane:
@@ -332,7 +355,7 @@ async def serve(
                 key_table=parts.keys,  # heartbeats report when each key was last used
             )
         )
-    watch = asyncio.create_task(_watch_engine_loop(parts.engine, health_servicer, link))
+    watch = asyncio.create_task(_watch_engine_loop(parts.engine, state, link))
     if on_ready is not None:
         on_ready(port)
     terminate = asyncio.Event()
@@ -340,15 +363,17 @@ async def serve(
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate.set)
     try:
         await terminate.wait()  # or the task is cancelled (Ctrl-C, tests)
-        await _drain(inference, health_servicer, config.shutdown_grace_s)
+        await _drain(service, state, config.shutdown_grace_s)
     finally:
         watch.cancel()
         if parts.preloader is not None:
             parts.preloader.stop()
-        await health_servicer.enter_graceful_shutdown()
+        await state.stopped()
         if link is not None:
             link.cancel()
         if stop_metrics is not None:
             stop_metrics()
+        if http is not None:
+            await http.stop()
         await server.stop(grace=1)
         parts.engine.stop()
