@@ -10,18 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
 
 from control_plane import tables
 from control_plane.config import DEFAULT_PORT
 from control_plane.db import sqlite_url
-from loraplex.v1 import control_plane_pb2 as pb
-from loraplex.v1 import control_plane_pb2_grpc as pb_grpc
+from loraplex.client import AdminClient, LoraplexError
+from loraplex.keys import check_admin_token
 
 DEFAULT_SQLITE = Path("~/.local/share/loraplex/control-plane.db")
 
@@ -43,7 +41,8 @@ def _add_server(subparsers: argparse._SubParsersAction) -> None:
                         f"SQLite file {DEFAULT_SQLITE}"}
     serve = sub.add_parser("serve", help="serve the ControlPlane gRPC API and reconcile engines")
     serve.add_argument("--database-url", **database)
-    serve.add_argument("--admin-token", default=_env("LORAPLEX_ADMIN_TOKEN"))
+    serve.add_argument("--admin-token", default=_env("LORAPLEX_ADMIN_TOKEN"),
+                       help="admin RPCs must carry it (32+ characters; LORAPLEX_ADMIN_TOKEN)")
     serve.add_argument("--adapter-root", action="append", help="adapters may be registered "
                        "from under this folder (repeatable; LORAPLEX_ADAPTER_ROOTS, ':'-separated)")
     serve.add_argument("--host", default="0.0.0.0")
@@ -55,6 +54,13 @@ def _add_server(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--reconcile-interval", type=float, default=2.0, help="seconds")
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0,
                        help="seconds without a heartbeat before an engine is stale")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0,
+                       help="after SIGTERM, seconds the calls in flight get to finish (health "
+                            "turns NOT_SERVING and new calls get UNAVAILABLE at once)")
+    serve.add_argument("--replica-id", default="",
+                       help="this replica's name in engine leases, stable across restarts so "
+                            "a restarted replica takes its engines back at once (default: "
+                            "cp-<hostname>-<port>)")
     serve.add_argument("--migrate", action="store_true",
                        help="run the migrations at start (always on for SQLite)")
     serve.set_defaults(func=_serve)
@@ -75,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     url = _database_url(args.database_url)
     roots = args.adapter_root or [p for p in _env("LORAPLEX_ADAPTER_ROOTS").split(":") if p]
     try:
+        check_admin_token(args.admin_token)
         config = ControlPlaneConfig(
             database_url=url, admin_token=args.admin_token,
             adapter_roots=tuple(Path(r).expanduser().resolve() for r in roots),
@@ -83,13 +90,24 @@ def _serve(args: argparse.Namespace) -> int:
             default_max_lora_rank=args.default_max_lora_rank,
             auto_migrate=args.migrate or url.startswith("sqlite"),
             reconciler=ReconcilerConfig(interval_s=args.reconcile_interval,
-                                        heartbeat_timeout_s=args.heartbeat_timeout),
+                                        heartbeat_timeout_s=args.heartbeat_timeout,
+                                        **_replica_id(args)),
+            shutdown_grace_s=args.shutdown_grace,
         )
         asyncio.run(serve_control_plane(config))
     except (ValueError, NotMigratedError, RuntimeError, OSError) as exc:  # a port taken
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _replica_id(args: argparse.Namespace) -> dict[str, str]:
+    """`{"owner": ...}` for ReconcilerConfig, or nothing (a random id) on port 0."""
+    if args.replica_id:
+        return {"owner": args.replica_id}
+    if not args.port:
+        return {}
+    return {"owner": f"cp-{socket.gethostname()[:40]}-{args.port}"}
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -106,7 +124,7 @@ def _add_clients(subparsers: argparse._SubParsersAction) -> None:
         parser = subparsers.add_parser(name, help=help_text)
         return parser.add_subparsers(dest=f"{name}_command", required=True)
 
-    def command(parent: argparse._SubParsersAction, name: str, run: Callable[..., Any],
+    def command(parent: argparse._SubParsersAction, name: str, run: Command,
                 help_text: str) -> argparse.ArgumentParser:
         parser = parent.add_parser(name, help=help_text)
         parser.add_argument("--target", default=_env("LORAPLEX_CONTROL_PLANE",
@@ -147,93 +165,85 @@ def _add_clients(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("tenant")
     p.add_argument("name")
     p.add_argument("--version", type=int, default=0)
+    p = command(adapters, "resolve", _adapters_resolve,
+                "which version a name means now and which engines serve it")
+    p.add_argument("adapter", help="tenant/name or tenant/name@version")
 
     engines = group("engines", "list engines")
     command(engines, "list", _engines_list, "list engines and their state")
 
 
-def _call(args: argparse.Namespace, run: Callable[[Any, argparse.Namespace], str]) -> int:
-    metadata = (("authorization", f"Bearer {args.admin_token}"),)
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.ControlPlaneStub(channel)
+Command = Callable[[AdminClient, argparse.Namespace], str]
 
-        def rpc(name: str, request: Any) -> Any:
-            return getattr(stub, name)(request, metadata=metadata, timeout=60)
 
+def _call(args: argparse.Namespace, run: Command) -> int:
+    with AdminClient(args.target, admin_token=args.admin_token, timeout=60) as admin:
         try:
-            print(run(rpc, args))
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(run(admin, args))
+        except LoraplexError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
     return 0
 
 
-Rpc = Callable[[str, Any], Any]
+def _tenants_create(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.tenants([admin.create_tenant(a.name, max_adapters=a.max_adapters)])
 
 
-def _tenants_create(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.tenants([rpc("CreateTenant", pb.CreateTenantRequest(
-        name=a.name, max_adapters=a.max_adapters))])
+def _tenants_list(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.tenants(admin.list_tenants())
 
 
-def _tenants_list(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.tenants(rpc("ListTenants", pb.ListTenantsRequest()).tenants)
+def _tenants_disable(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.tenants([admin.disable_tenant(a.name)])
 
 
-def _tenants_disable(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.tenants([rpc("DisableTenant", pb.DisableTenantRequest(name=a.name))])
-
-
-def _keys_create(rpc: Rpc, a: argparse.Namespace) -> str:
-    key = rpc("CreateApiKey", pb.CreateApiKeyRequest(tenant=a.tenant))
+def _keys_create(admin: AdminClient, a: argparse.Namespace) -> str:
+    key = admin.create_api_key(a.tenant)
     return (f"key id:  {key.key_id}\ntenant:  {key.tenant}\napi key: {key.api_key}\n"
             "Store the API key now: it is not shown again.")
 
 
-def _keys_revoke(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.keys([rpc("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=a.key_id))])
+def _keys_revoke(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.keys([admin.revoke_api_key(a.key_id)])
 
 
-def _keys_list(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.keys(rpc("ListApiKeys", pb.ListApiKeysRequest(tenant=a.tenant)).keys)
+def _keys_list(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.keys(admin.list_api_keys(a.tenant))
 
 
-def _models_register(rpc: Rpc, a: argparse.Namespace) -> str:
-    path = str(Path(a.path).expanduser().resolve())
-    return tables.base_models([rpc("RegisterBaseModel", pb.RegisterBaseModelRequest(
-        name=a.name, path=path, max_lora_rank=a.max_lora_rank))])
+def _models_register(admin: AdminClient, a: argparse.Namespace) -> str:
+    path = Path(a.path).expanduser().resolve()
+    return tables.base_models([admin.register_base_model(a.name, path,
+                                                         max_lora_rank=a.max_lora_rank)])
 
 
-def _models_list(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.base_models(rpc("ListBaseModels", pb.ListBaseModelsRequest()).base_models)
+def _models_list(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.base_models(admin.list_base_models())
 
 
-def _adapters_register(rpc: Rpc, a: argparse.Namespace) -> str:
+def _adapters_register(admin: AdminClient, a: argparse.Namespace) -> str:
     uri = a.uri if "://" in a.uri else str(Path(a.uri).expanduser().resolve())
-    return tables.versions([rpc("RegisterAdapter", pb.RegisterAdapterRequest(
-        tenant=a.tenant, name=a.name, uri=uri, base_model=a.base_model, sha256=a.sha256,
-        replicas=a.replicas))])
+    return tables.versions([admin.register_adapter(
+        a.tenant, a.name, uri, base_model=a.base_model, sha256=a.sha256, replicas=a.replicas)])
 
 
-def _adapters_list(rpc: Rpc, a: argparse.Namespace) -> str:
-    found: list[pb.Adapter] = []
-    token = ""
-    while True:
-        page = rpc("ListAdapters", pb.ListTenantAdaptersRequest(tenant=a.tenant,
-                                                                page_token=token))
-        found.extend(page.adapters)
-        token = page.next_page_token
-        if not token:
-            return tables.adapters(found)
+def _adapters_list(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.adapters(admin.list_adapters(a.tenant))
 
 
-def _adapters_retire(rpc: Rpc, a: argparse.Namespace) -> str:
-    reply = rpc("RetireAdapter", pb.RetireAdapterRequest(tenant=a.tenant, name=a.name,
-                                                         version=a.version))
-    if not reply.retired:
+def _adapters_retire(admin: AdminClient, a: argparse.Namespace) -> str:
+    result = admin.retire_adapter(a.tenant, a.name, version=a.version)
+    if not result.retired:
         return "nothing to retire: those versions were already retired"
-    return tables.versions(reply.retired)
+    return tables.versions(result.retired)
 
 
-def _engines_list(rpc: Rpc, a: argparse.Namespace) -> str:
-    return tables.engines(rpc("ListEngines", pb.ListEnginesRequest()).engines)
+def _adapters_resolve(admin: AdminClient, a: argparse.Namespace) -> str:
+    found = admin.resolve_adapter(a.adapter)
+    return (f"adapter:   {found.adapter_id}\nbase model: {found.base_model}\n"
+            f"served by: {', '.join(found.endpoints) or 'no live engine yet'}")
+
+
+def _engines_list(admin: AdminClient, a: argparse.Namespace) -> str:
+    return tables.engines(admin.list_engines())

@@ -1,12 +1,11 @@
-"""Readable plain-text tables of control-plane messages, for the CLI."""
+"""Readable plain-text tables of the SDK's control-plane results, for the CLI."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from loraplex.v1 import control_plane_pb2 as pb
+from loraplex.client import Adapter, AdapterVersion, ApiKey, BaseModel, Engine, Tenant
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -17,53 +16,45 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def when(ts: Timestamp, present: bool = True) -> str:
-    if not present or (ts.seconds == 0 and ts.nanos == 0):
-        return "-"
-    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+def when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _state(enum_name: str, value: int) -> str:
-    return pb.DESCRIPTOR.enum_types_by_name[enum_name].values_by_number[value].name.split(
-        "_STATE_")[-1].lower()
-
-
-def tenants(items: Sequence[pb.Tenant]) -> str:
+def tenants(items: Sequence[Tenant]) -> str:
     return render(("NAME", "STATE", "ADAPTERS", "KEYS", "CREATED"), [
-        (t.name, _state("TenantState", t.state), f"{t.num_adapters}/{t.max_adapters}",
-         t.num_active_keys, when(t.created_at)) for t in items])
+        (t.name, t.state, f"{t.num_adapters}/{t.max_adapters}", t.num_active_keys,
+         when(t.created_at)) for t in items])
 
 
-def keys(items: Sequence[pb.ApiKey]) -> str:
+def keys(items: Sequence[ApiKey]) -> str:
     return render(("KEY ID", "TENANT", "STATE", "CREATED", "LAST USED", "REVOKED"), [
         (k.key_id, k.tenant, "revoked" if k.revoked else "active", when(k.created_at),
-         when(k.last_used_at, k.HasField("last_used_at")),
-         when(k.revoked_at, k.HasField("revoked_at"))) for k in items])
+         when(k.last_used_at), when(k.revoked_at)) for k in items])
 
 
-def base_models(items: Sequence[pb.BaseModel]) -> str:
+def base_models(items: Sequence[BaseModel]) -> str:
     return render(("NAME", "ARCHITECTURE", "HIDDEN", "LAYERS", "MAX RANK", "ENGINES",
                    "FINGERPRINT"), [
         (m.name, m.architecture, m.hidden_size, m.num_layers, m.max_lora_rank, m.num_engines,
          m.fingerprint[:16]) for m in items])
 
 
-def versions(items: Sequence[pb.AdapterVersion]) -> str:
+def versions(items: Sequence[AdapterVersion]) -> str:
     return render(("ADAPTER", "VERSION", "STATE", "CURRENT", "RANK", "ALPHA", "TARGETS",
                    "BASE MODEL", "ENGINES", "SHA256", "NOTE"), [
-        (f"{v.tenant}/{v.name}", v.version, _state("AdapterState", v.state),
-         "*" if v.current else "", v.rank, f"{v.alpha:g}", ",".join(v.target_modules),
-         v.base_model, v.num_engines_loaded, v.sha256[:12], v.failure_reason[:60])
+        (f"{v.tenant}/{v.name}", v.version, v.state, "*" if v.current else "", v.rank,
+         f"{v.alpha:g}", ",".join(v.target_modules), v.base_model, v.num_engines_loaded,
+         v.sha256[:12], v.failure_reason[:60])
         for v in items])
 
 
-def adapters(items: Sequence[pb.Adapter]) -> str:
+def adapters(items: Sequence[Adapter]) -> str:
     return versions([v for a in items for v in a.versions])
 
 
-def engines(items: Sequence[pb.Engine]) -> str:
+def engines(items: Sequence[Engine]) -> str:
     return render(("ID", "ADDRESS", "STATE", "BASE MODEL", "DEVICE", "ADAPTERS", "PLACED",
                    "RUNNING", "WAITING", "LAST HEARTBEAT"), [
-        (e.engine_id, e.address, _state("EngineState", e.state), e.base_model or "-",
-         e.device, e.num_adapters, e.num_placements, e.running_requests, e.waiting_requests,
+        (e.engine_id, e.address, e.state, e.base_model or "-", e.device, e.num_adapters,
+         e.num_placements, e.running_requests, e.waiting_requests,
          when(e.last_heartbeat_at)) for e in items])
