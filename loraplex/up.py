@@ -1,8 +1,14 @@
-"""`loraplex up`: the whole stack on one machine, no Docker, and a demo that shows it
-working. Starts a control plane on an embedded SQLite file and one engine on the
-bundled SmolLM2-135M-Instruct (CPU unless a GPU is there), then, as an admin and a
-tenant would: registers the base model, a tenant, an API key and an adapter, waits
-until the adapter is placed on the engine, and streams an answer with and without it.
+"""`loraplex up`: the whole stack on one machine, no Docker, and a demo that teaches.
+
+Starts a control plane on an embedded SQLite file and one engine on the bundled
+SmolLM2-135M-Instruct (CPU unless a GPU is there), then, as an admin and a tenant would:
+registers the base model, the `demo` tenant, an API key and the two trained demo
+adapters (demo/pirate, demo/french), waits until the engine serves them, streams one
+answer from the base model and from each adapter, writes what it made to
+`<data dir>/up.json`, and prints how to call each adapter from the CLI, the Python SDK,
+grpcurl, curl and the openai client. A second `up` on the same data dir reuses the
+tenant, key, token and adapter versions. Ctrl-C (or SIGTERM) stops every process it
+started.
 """
 
 from __future__ import annotations
@@ -10,19 +16,24 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraplex.demo_adapter import DEMO_ADAPTERS, DemoAdaptersMissing, install_demo_adapters
+from loraplex.up_facts import AdapterFacts, UpFacts, facts_path, read_facts, write_facts
+from loraplex.up_guide import TRY_PROMPT, how_to_call, summary
+from loraplex.up_processes import start, stop, wait_healthy
 from loraplex.v1 import control_plane_pb2 as cp
 from loraplex.v1 import control_plane_pb2_grpc as cp_grpc
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
-QUESTION = "In one sentence, what is a LoRA adapter?"
+TENANT = "demo"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +46,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--control-plane-port", type=int, default=50050)
     up.add_argument("--engine-port", type=int, default=50051)
+    up.add_argument(
+        "--engine-http-port",
+        type=int,
+        default=8000,
+        help="the engine's OpenAI-compatible HTTP API (0 = off)",
+    )
     up.add_argument("--device", default="auto")
     up.add_argument(
         "--demo-only",
@@ -45,143 +62,170 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraplex.cli import default_cache_dir, resolve_model_path
-    from loraplex.demo_adapter import write_demo_adapter
+    from loraplex.cli import build_parser, default_cache_dir, resolve_model_path
 
-    data = Path(args.data_dir).expanduser()
-    adapters = data / "adapters"
-    logs = data / "logs"
-    adapters.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data_dir).expanduser().resolve()
+    adapter_root, logs = data / "adapters", data / "logs"
+    adapter_root.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_path("default", default_cache_dir())
-    token = os.environ.get("LORAPLEX_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    previous = read_facts(facts_path(data))
+    token = (
+        os.environ.get("LORAPLEX_ADMIN_TOKEN")
+        or (previous.admin_token if previous else "")
+        or secrets.token_urlsafe(24)
+    )
+    http_port = args.engine_http_port if _engine_has_flag(build_parser(), "--http-port") else 0
     cp_addr = f"127.0.0.1:{args.control_plane_port}"
     engine_addr = f"127.0.0.1:{args.engine_port}"
+    log_files = {"control_plane": logs / "control-plane.log", "engine": logs / "engine.log"}
     env = {**os.environ, "LORAPLEX_ADMIN_TOKEN": token}
     me = [sys.executable, "-m", "loraplex.cli"]
-
-    processes = [
-        _start(
-            me
-            + [
-                "control-plane",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(args.control_plane_port),
-                "--database-url",
-                f"sqlite:///{data / 'control-plane.db'}",
-                "--adapter-root",
-                str(adapters),
-            ],
-            env,
-            logs / "control-plane.log",
-        ),
-    ]
+    processes: dict[str, subprocess.Popen] = {}
+    # Ctrl-C, `kill` and a closed terminal all take one path: stop what `up` started, in
+    # order. Set explicitly, since a shell starts background jobs with SIGINT ignored.
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.default_int_handler)
     try:
-        _wait_healthy(cp_addr, "control plane", logs / "control-plane.log", processes[0])
+        installed = install_demo_adapters(adapter_root)
+        model_dir = resolve_model_path("default", default_cache_dir())
+        cp_flags = ["--host", "127.0.0.1", "--port", str(args.control_plane_port)]
+        cp_flags += ["--database-url", f"sqlite:///{data / 'control-plane.db'}"]
+        processes["control_plane"] = start(
+            [*me, "control-plane", "serve", *cp_flags, "--adapter-root", str(adapter_root)],
+            env,
+            log_files["control_plane"],
+        )
+        wait_healthy(cp_addr, "control_plane", processes, log_files)
         admin = cp_grpc.ControlPlaneStub(grpc.insecure_channel(cp_addr))
         auth = [("authorization", f"Bearer {token}")]
-        base = _idempotent(
-            lambda: admin.RegisterBaseModel(
-                cp.RegisterBaseModelRequest(name=model_dir.name, path=str(model_dir)), metadata=auth
-            )
+        _register_base_model(admin, auth, model_dir)
+        engine_flags = ["--model", str(model_dir), "--device", args.device]
+        engine_flags += ["--port", str(args.engine_port), "--adapter-root", str(adapter_root)]
+        engine_flags += ["--control-plane", cp_addr, "--advertise", engine_addr]
+        if http_port:
+            engine_flags += ["--http-port", str(http_port)]
+        processes["engine"] = start(
+            [*me, "engine", "serve", *engine_flags], env, log_files["engine"]
         )
-        print(f"base model {model_dir.name} registered" + (" (already)" if base is None else ""))
-        processes.append(
-            _start(
-                me
-                + [
-                    "engine",
-                    "serve",
-                    "--model",
-                    str(model_dir),
-                    "--device",
-                    args.device,
-                    "--port",
-                    str(args.engine_port),
-                    "--control-plane",
-                    cp_addr,
-                    "--advertise",
-                    engine_addr,
-                    "--adapter-root",
-                    str(adapters),
-                ],
-                env,
-                logs / "engine.log",
-            )
+        wait_healthy(engine_addr, "engine", processes, log_files, timeout=300)
+        _idempotent(lambda: admin.CreateTenant(cp.CreateTenantRequest(name=TENANT), metadata=auth))
+        adapters = _register_adapters(admin, auth, model_dir.name, installed)
+        _wait_placed(admin, auth, adapters, engine_addr)
+        key_id, key = _demo_key(admin, auth, previous)
+        facts = UpFacts(
+            control_plane=cp_addr,
+            engine=engine_addr,
+            engine_http=f"http://127.0.0.1:{http_port}" if http_port else None,
+            admin_token=token,
+            tenant=TENANT,
+            api_key=key,
+            api_key_id=key_id,
+            base_model=model_dir.name,
+            adapters=adapters,
+            logs={name: str(path) for name, path in log_files.items()},
+            pids={name: p.pid for name, p in processes.items()},
+            data_dir=str(data),
         )
-        _wait_healthy(engine_addr, "engine", logs / "engine.log", processes[1], timeout=300)
-        key = _demo(admin, auth, model_dir, adapters, engine_addr, write_demo_adapter)
-        print(f"\nstack up: control plane {cp_addr}, engine {engine_addr}")
-        print(f"  admin token: {token}\n  demo tenant key: {key}\n  logs: {logs}")
+        write_facts(facts_path(data), facts)
+        _show_demo(engine_addr, key, adapters)
+        print("\n" + summary(facts, str(facts_path(data))))
+        print(how_to_call(facts), flush=True)
         if args.demo_only:
             return 0
-        print("serving; Ctrl-C stops everything")
-        while all(p.poll() is None for p in processes):
+        print("serving; Ctrl-C stops everything", flush=True)
+        while all(p.poll() is None for p in processes.values()):
             time.sleep(1)
         print("a component exited; see the logs", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("\nstopping", file=sys.stderr)
         return 0
-    except RuntimeError as exc:  # a component did not come up; its log says why
-        print(f"error: {exc}", file=sys.stderr)
+    except (RuntimeError, DemoAdaptersMissing, grpc.RpcError) as exc:
+        # A component did not come up or refused a call; its log says more.
+        detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else exc
+        print(f"error: {detail}", file=sys.stderr)
         return 1
     finally:
-        for p in reversed(processes):
-            p.terminate()
-        for p in processes:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for stop_signal in STOP_SIGNALS:  # a second Ctrl-C must not cut the stop short
+            signal.signal(stop_signal, signal.SIG_IGN)
+        stop(list(processes.values()))
 
 
-def _demo(admin, auth, model_dir: Path, adapters: Path, engine_addr: str, write_adapter) -> str:
-    _idempotent(lambda: admin.CreateTenant(cp.CreateTenantRequest(name="demo"), metadata=auth))
-    # One demo key at a time: the previous run's key (its secret was shown once) goes.
-    for old in admin.ListApiKeys(cp.ListApiKeysRequest(tenant="demo"), metadata=auth).keys:
-        if not old.revoked:
-            admin.RevokeApiKey(cp.RevokeApiKeyRequest(key_id=old.key_id), metadata=auth)
-    key = admin.CreateApiKey(cp.CreateApiKeyRequest(tenant="demo"), metadata=auth).api_key
-    folder = adapters / "demo-example"
-    if not (folder / "adapter_model.safetensors").exists():
-        write_adapter(model_dir, folder)
-    version = admin.RegisterAdapter(
-        cp.RegisterAdapterRequest(
-            tenant="demo", name="example", uri=str(folder), base_model=model_dir.name
-        ),
-        metadata=auth,
-    )
-    print(
-        f"adapter {version.adapter_id} registered (rank {version.rank}, "
-        f"sha256 {version.sha256[:12]}...)"
-    )
+def _engine_has_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
+    """Whether `loraplex engine serve` takes `flag` (what `engine serve --help` lists)."""
+    serve = _subcommand(_subcommand(parser, "engine"), "serve")
+    return serve is not None and flag in serve._option_string_actions
+
+
+def _subcommand(parser: argparse.ArgumentParser | None, name: str):
+    if parser is None:
+        return None
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return None
+
+
+def _register_base_model(admin, auth, model_dir: Path) -> None:
+    request = cp.RegisterBaseModelRequest(name=model_dir.name, path=str(model_dir))
+    created = _idempotent(lambda: admin.RegisterBaseModel(request, metadata=auth))
+    print(f"base model {model_dir.name} registered" + (" (already)" if created is None else ""))
+
+
+def _register_adapters(admin, auth, base_model: str, installed: dict[str, Path]):
+    """Register each demo adapter; content already registered returns its version."""
+    adapters = []
+    for demo in DEMO_ADAPTERS:
+        folder = installed[demo.name]
+        request = cp.RegisterAdapterRequest(
+            tenant=TENANT, name=demo.name, uri=str(folder), base_model=base_model
+        )
+        version = admin.RegisterAdapter(request, metadata=auth)
+        print(f"adapter {version.adapter_id} ({demo.effect}, rank {version.rank}) registered")
+        adapters.append(
+            AdapterFacts(f"{TENANT}/{demo.name}", version.adapter_id, demo.effect, str(folder))
+        )
+    return adapters
+
+
+def _wait_placed(admin, auth, adapters: list[AdapterFacts], engine_addr: str) -> None:
     deadline = time.monotonic() + 60
-    while (
-        engine_addr
-        not in admin.ResolveAdapter(
-            cp.ResolveAdapterRequest(adapter="demo/example"), metadata=auth
-        ).endpoints
-    ):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the adapter was not placed on the engine within 60 s")
-        time.sleep(0.2)
-    print("adapter placed on the engine")
-    # The key reaches the engine with the next key sync (within seconds).
+    for adapter in adapters:
+        request = cp.ResolveAdapterRequest(adapter=adapter.name)
+        while engine_addr not in admin.ResolveAdapter(request, metadata=auth).endpoints:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{adapter.name} was not placed on the engine within 60 s")
+            time.sleep(0.2)
+    print("adapters placed on the engine")
+
+
+def _demo_key(admin, auth, previous: UpFacts | None) -> tuple[str, str]:
+    """The previous `up`'s key if the control plane still honours it, else a new one; any
+    other demo key is revoked, so the tenant holds exactly one (whose secret is in up.json)."""
+    keys = admin.ListApiKeys(cp.ListApiKeysRequest(tenant=TENANT), metadata=auth).keys
+    live = {k.key_id for k in keys if not k.revoked}
+    if previous and previous.tenant == TENANT and previous.api_key_id in live:
+        key_id, key = previous.api_key_id, previous.api_key
+    else:
+        created = admin.CreateApiKey(cp.CreateApiKeyRequest(tenant=TENANT), metadata=auth)
+        key_id, key = created.key_id, created.api_key
+    for old in live - {key_id}:
+        admin.RevokeApiKey(cp.RevokeApiKeyRequest(key_id=old), metadata=auth)
+    return key_id, key
+
+
+def _show_demo(engine_addr: str, key: str, adapters: list[AdapterFacts]) -> None:
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(engine_addr))
-    for adapter in ("", "demo/example"):
-        print(f"\n> {QUESTION}  [adapter: {adapter or 'base model'}]")
+    for adapter in ["", *(a.name for a in adapters)]:
+        print(f"\n> {TRY_PROMPT}  [adapter: {adapter or 'base model'}]")
         _stream(stub, adapter, [("authorization", f"Bearer {key}")])
-    return key
 
 
 def _stream(stub, adapter: str, metadata) -> None:
     request = inference_pb2.GenerateRequest(
         adapter=adapter, sampling=inference_pb2.SamplingParams(max_new_tokens=48)
     )
-    request.chat.messages.add(role="user", content=QUESTION)
+    request.chat.messages.add(role="user", content=TRY_PROMPT)
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -192,31 +236,7 @@ def _stream(stub, adapter: str, metadata) -> None:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED or time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)  # the new key is not on the engine yet
-
-
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("ab") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_healthy(
-    address: str, what: str, log: Path, process: subprocess.Popen, timeout: float = 120
-) -> None:
-    print(f"starting the {what} on {address} (log: {log}) ...", flush=True)
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the {what} exited at start (code {process.returncode}); see {log}")
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the {what} did not become healthy in {timeout:.0f} s; see {log}")
+            time.sleep(0.5)  # a new key reaches the engine with the next key sync
 
 
 def _idempotent(call):

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-
-import pytest
 
 from engine.config import EngineConfig
 from tests.engine_server import running_engine
 
 LORAPLEX = [sys.executable, "-m", "loraplex.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_generate_streams_to_the_terminal(tiny_llama31_path):
@@ -93,26 +84,3 @@ def test_engine_on_a_taken_port_says_so(tiny_llama31_path):
         )
     assert done.returncode == 2
     assert "error: Failed to bind" in done.stderr and "Traceback" not in done.stderr
-
-
-def run_up(data_dir) -> subprocess.CompletedProcess:
-    ports = ["--control-plane-port", str(free_port()), "--engine-port", str(free_port())]
-    command = [*LORAPLEX, "up", "--demo-only", "--device", "cpu", "--data-dir", str(data_dir)]
-    return subprocess.run(command + ports, capture_output=True, text=True, timeout=400)
-
-
-@pytest.mark.slow
-def test_up_starts_the_stack_and_streams_with_and_without_an_adapter(tmp_path):
-    done = run_up(tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "adapter placed on the engine" in done.stdout
-    assert "[adapter: demo/example]" in done.stdout
-    assert "stack up:" in done.stdout
-    answers = [block.split("\n", 1)[1].strip() for block in done.stdout.split("\n> ")[1:]]
-    assert len(answers) == 2 and all(answers)
-    assert answers[0] != answers[1]  # the adapter changes the answer
-    # A second `up` on the same data finds everything it registered and works again.
-    again = run_up(tmp_path)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "registered (already)" in again.stdout
-    assert "demo/example@1" in again.stdout  # the same version, not a new one
