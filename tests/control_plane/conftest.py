@@ -150,8 +150,12 @@ def wrong_layers_adapter(tmp_path_factory: pytest.TempPathFactory, adapter_root:
 def cp(clean_db: str, adapter_root: Path) -> Iterator[ControlPlaneHandle]:
     """A control plane on the clean database; its reconciler idles (no engines here)."""
     config = ControlPlaneConfig(
-        database_url=clean_db, admin_token=ADMIN_TOKEN, adapter_roots=(adapter_root,),
-        host="127.0.0.1", port=0, default_max_lora_rank=16,
+        database_url=clean_db,
+        admin_token=ADMIN_TOKEN,
+        adapter_roots=(adapter_root,),
+        host="127.0.0.1",
+        port=0,
+        default_max_lora_rank=16,
         reconciler=ReconcilerConfig(interval_s=60),
     )
     with running_control_plane(config) as handle:

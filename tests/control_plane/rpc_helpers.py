@@ -21,8 +21,9 @@ def code_of(call: Any, request: Any) -> tuple[grpc.StatusCode, str]:
 
 
 def register(admin: Any, name: str, folder: Path, tenant: str = "acme", **kw: Any) -> Any:
-    return admin.RegisterAdapter(pb.RegisterAdapterRequest(
-        tenant=tenant, name=name, uri=str(folder), base_model=BASE, **kw))
+    return admin.RegisterAdapter(
+        pb.RegisterAdapterRequest(tenant=tenant, name=name, uri=str(folder), base_model=BASE, **kw)
+    )
 
 
 def sha256(folder: Path) -> str:

@@ -127,9 +127,7 @@ def test_register_adapter_refusals(
         assert word in details, details
 
 
-def test_quota(
-    admin: Client, base_dir: Path, good_adapter: Path, other_adapter: Path
-) -> None:
+def test_quota(admin: Client, base_dir: Path, good_adapter: Path, other_adapter: Path) -> None:
     admin.CreateTenant(pb.CreateTenantRequest(name="acme", max_adapters=1))
     admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name=BASE, path=str(base_dir)))
     register(admin, "one", good_adapter)
@@ -143,9 +141,7 @@ def test_quota(
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota" in details
 
 
-def test_list_retire_resolve(
-    with_base: Client, good_adapter: Path, other_adapter: Path
-) -> None:
+def test_list_retire_resolve(with_base: Client, good_adapter: Path, other_adapter: Path) -> None:
     admin = with_base
     for i in range(3):
         register(admin, f"a{i}", good_adapter)

@@ -25,9 +25,6 @@ BLOCK_SIZE = 16
 CONTEXTS = [1, 15, 16, 17, 70]
 
 
-
-
-
 _SKIP = triton_skip_reason("engine.attention.triton_decode", "_paged_decode_kernel")
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 

@@ -103,9 +103,7 @@ def test_silu_and_mul_equals_torch(inter: int) -> None:
     gen = torch.Generator().manual_seed(inter)
     gate_up = torch.randn(5, 2 * inter, generator=gen).to(DEVICE)
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(
-        fused.silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(fused.silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
 def test_empty_batches_launch_nothing() -> None:

@@ -33,9 +33,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAN = float("nan")
 
 
-
-
-
 _SKIP = triton_skip_reason("engine.kernels.sgmv", "_sgmv_shrink_kernel")
 needs_triton = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 

@@ -222,8 +222,9 @@ def test_prefetch_fills_free_slots_and_slots_nobody_waits_for_only():
     assert sched.slots.resident() == {"x": 0, "w": 1, "z": 2, "v": 3}
 
 
-def simulate(sched: Scheduler, arrivals: dict[int, list[Sequence]], lengths: dict[str, int],
-             steps: int) -> tuple[dict[str, list[int]], int]:
+def simulate(
+    sched: Scheduler, arrivals: dict[int, list[Sequence]], lengths: dict[str, int], steps: int
+) -> tuple[dict[str, list[int]], int]:
     """Runs a fake model over the scheduler and checks every batch against what a device
     would hold: each chunk continues its sequence's cache (0 after a preemption), each
     row reads a slot that holds its adapter and is not being written this step. The
@@ -252,7 +253,7 @@ def simulate(sched: Scheduler, arrivals: dict[int, list[Sequence]], lengths: dic
             seq = sched.get(item.request_id)
             assert item.start_position == cached.get(item.request_id, 0)
             end = item.start_position + len(item.token_ids)
-            assert list(item.token_ids) == seq.token_ids[item.start_position:end]
+            assert list(item.token_ids) == seq.token_ids[item.start_position : end]
             cached[item.request_id] = end
             if seq.adapter_id is None:
                 assert item.adapter_slot == -1
@@ -274,8 +275,15 @@ def simulate(sched: Scheduler, arrivals: dict[int, list[Sequence]], lengths: dic
 def test_random_traffic_keeps_every_promise_and_finishes_everything():
     rng = random.Random(5)
     # 16 blocks of 4 hold four 16-token sequences: preemption is frequent.
-    sched = make(num_blocks=16, block_size=4, max_num_seqs=6, max_tokens=24, max_loras=3,
-                 max_mixed_prefill_tokens=8, max_wait_steps=30)
+    sched = make(
+        num_blocks=16,
+        block_size=4,
+        max_num_seqs=6,
+        max_tokens=24,
+        max_loras=3,
+        max_mixed_prefill_tokens=8,
+        max_wait_steps=30,
+    )
     arrivals: dict[int, list[Sequence]] = {}
     lengths: dict[str, int] = {}
     prompts: dict[str, list[int]] = {}
@@ -284,8 +292,9 @@ def test_random_traffic_keeps_every_promise_and_finishes_everything():
         request_id = f"r{i}"
         prompts[request_id] = [rng.randrange(97) for _ in range(rng.randrange(1, 30))]
         lengths[request_id] = rng.randrange(1, 12)
-        seq = Sequence(request_id, list(prompts[request_id]), adapter_id=adapter,
-                       tenant=f"t{i % 3}")
+        seq = Sequence(
+            request_id, list(prompts[request_id]), adapter_id=adapter, tenant=f"t{i % 3}"
+        )
         arrivals.setdefault(rng.randrange(150), []).append(seq)
     done, num_preempted = simulate(sched, arrivals, lengths, steps=1500)
     assert num_preempted > 0
