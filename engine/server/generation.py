@@ -274,7 +274,9 @@ class GenerationService:
             "the name, or ask the control plane's ResolveAdapter where it is served"
         )
         try:
-            record = await self._resolve_when_loaded(name)
+            # Only --adapter-dir adapters preload, and they have no tenant: a keyed
+            # caller waiting for one would learn that it exists, and could never use it.
+            record = await self._resolve_when_loaded(name, wait=tenant is None)
         except AdapterNotFoundError as exc:
             self._refuse(grpc.StatusCode.NOT_FOUND, unknown if tenant else f"{exc}; check the name")
         except AdapterEvictingError:
@@ -285,15 +287,18 @@ class GenerationService:
             self._refuse(grpc.StatusCode.NOT_FOUND, unknown)
         return record.adapter_id
 
-    async def _resolve_when_loaded(self, name: str) -> AdapterRecord:
+    async def _resolve_when_loaded(self, name: str, wait: bool) -> AdapterRecord:
         """`resolve(name)`, waiting while the adapter is still being preloaded: up to
-        `adapter_wait_s`, then the call is refused as UNAVAILABLE (retry)."""
+        `adapter_wait_s`, then the call is refused as UNAVAILABLE (retry). Without
+        `wait`, an adapter still preloading is AdapterNotFoundError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._adapter_wait_s
         while True:
             try:
                 return self._adapters.resolve(name)
             except AdapterLoadingError as exc:
+                if not wait:
+                    raise AdapterNotFoundError(str(exc)) from exc
                 if loop.time() >= deadline:
                     self._refuse(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry in a few seconds")
             await asyncio.sleep(_LOADING_POLL_S)

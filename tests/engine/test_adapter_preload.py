@@ -8,6 +8,7 @@ owns), not by a slow disk."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.config import EngineConfig
 from engine.server.app import AUTO_MAX_LORAS, build_engine
+from loraplex.keys import hash_secret, new_key
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import inference_pb2
 from tests.adapter_factory import make_peft_adapter
@@ -70,13 +72,14 @@ def engine_with_held_load(
         release.set()
 
 
-def generate(running: RunningEngine, adapter: str):
+def generate(running: RunningEngine, adapter: str, metadata=()):
     return running.generate(
         inference_pb2.GenerateRequest(
             adapter=adapter,
             token_ids=inference_pb2.TokenIds(ids=PROMPT),
             sampling=inference_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-        )
+        ),
+        metadata=metadata,
     )
 
 
@@ -129,6 +132,27 @@ def test_a_request_past_the_wait_is_told_to_retry(tiny_llama31_path, adapter_roo
         release.set()
         assert running.parts.preloader.wait(30)
         assert generate(running, HELD).completion_tokens == NEW_TOKENS
+
+
+def test_a_tenant_key_is_not_told_an_adapter_is_preloading(tiny_llama31_path, adapter_root):
+    """Preloaded adapters have no tenant, so a tenant's key gets the NOT_FOUND sentence
+    for one still loading at once, the same as for a name that never existed: waiting
+    (or UNAVAILABLE) would tell it the adapter exists."""
+    key_id, secret, api_key = new_key()
+    with engine_with_held_load(tiny_llama31_path, adapter_root, 30.0) as (running, release):
+        entry = admin_pb.ApiKeyEntry(key_id=key_id, secret_hash=hash_secret(secret), tenant="t")
+        running.admin.SyncApiKeys(admin_pb.SyncApiKeysRequest(generation=1, keys=[entry]))
+        keyed = [("authorization", f"Bearer {api_key}")]
+        answers = []
+        for name in (HELD, "never-there"):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                generate(running, name, metadata=keyed)
+            assert time.monotonic() - started < 5.0  # not a wait for the preload
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            answers.append(caught.value.details().replace(repr(name), "NAME"))
+        assert answers[0] == answers[1]
+        release.set()
 
 
 @pytest.mark.gpu
