@@ -46,7 +46,61 @@ from engine.scheduler import ScheduledSeq
 log = logging.getLogger(__name__)
 
 
-class DecodeGraphs:
+class BucketGraphs:
+    """What decode and mixed-step graphs share: one captured graph per (bucket,
+    with_lora), all in one memory pool (they never run concurrently), captured largest
+    first so the smaller ones reuse its memory, and a count of replays. A subclass
+    says how to build a bucket's forward (`_forward`) and when to replay (`run`)."""
+
+    what = "CUDA"  # in the log line: "captured N <what> graphs"
+
+    def __init__(self, device: torch.device, sizes: tuple[int, ...], lora: bool) -> None:
+        self.device = device
+        self.sizes = sizes
+        self._variants = (False, True) if lora else (False,)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._pool: object | None = None
+        self.num_replays = 0  # steps served by a graph (for tests and metrics)
+
+    @property
+    def captured(self) -> tuple[tuple[int, bool], ...]:
+        """(bucket, with_lora) of every graph captured so far."""
+        return tuple(sorted(self._graphs))
+
+    def capture(self, sizes: Sequence[int] | None = None) -> float:
+        """Capture the base (and LoRA) graph of every bucket in `sizes` (default: all);
+        returns the seconds it took. Must not run while the engine is stepping."""
+        start = time.perf_counter()
+        todo = sorted(self.sizes if sizes is None else sizes, reverse=True)
+        if any(s not in self.sizes for s in todo):
+            raise ValueError(f"buckets {todo} are not all among {self.sizes}")
+        with torch.cuda.device(self.device):
+            for size in todo:
+                for with_lora in self._variants:
+                    graph = capture_graph(self._forward(size, with_lora), self.device, self._pool)
+                    if self._pool is None:
+                        self._pool = graph.pool()
+                    self._graphs[(size, with_lora)] = graph
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        log.info("captured %d %s graphs in %.1f s", len(self._graphs), self.what, seconds)
+        return seconds
+
+    def _bucket(self, rows: int, with_lora: bool) -> int | None:
+        """The smallest captured bucket of this variant holding `rows`, or None."""
+        return bucket_for(rows, [b for b, lora in self._graphs if lora == with_lora])
+
+    def _replay(self, bucket: int, with_lora: bool) -> None:
+        self._graphs[(bucket, with_lora)].replay()
+        self.num_replays += 1
+
+    def _forward(self, size: int, with_lora: bool) -> Callable[[], None]:
+        """Set the buffers to a padding-only step of `size` (the capture's warm-up run
+        then writes only to scratch) and return the bucket's forward."""
+        raise NotImplementedError
+
+
+class DecodeGraphs(BucketGraphs):
     """Captured decode forwards for `model`; `run` replays one or says it cannot.
 
     `pad_block` is a KV block reserved for padding rows: the scheduler must never hand
@@ -54,6 +108,8 @@ class DecodeGraphs:
     tables). `lora_pool` None, or `lora_graphs` False (e.g. the torch LoRA backend),
     captures base graphs only; steps with adapters then run eagerly.
     """
+
+    what = "decode CUDA"
 
     def __init__(
         self,
@@ -72,14 +128,13 @@ class DecodeGraphs:
             raise ValueError("the model's attention backend cannot run in a CUDA graph")
         if not 0 <= pad_block < kv_cache.num_blocks:
             raise ValueError(f"pad_block {pad_block} is not a block of the KV cache")
+        self.lora_pool = lora_pool if lora_graphs else None
+        super().__init__(model.device, capture_sizes(max_num_seqs), self.lora_pool is not None)
         self.model = model
         self.kv_cache = kv_cache
-        self.lora_pool = lora_pool if lora_graphs else None
-        self.device = model.device
         self.block_size = kv_cache.block_size
         self.pad_block = pad_block
         self.max_model_len = max_model_len
-        self.sizes = capture_sizes(max_num_seqs)
         max_bucket = self.sizes[-1]
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         num_slots = lora_pool.max_loras if lora_pool is not None else 0
@@ -90,34 +145,6 @@ class DecodeGraphs:
             max_bucket, model.config.vocab_size, dtype=torch.float32, device=self.device
         )  # [max_bucket, vocab] f32, every graph's output
         self._logits_indices = torch.arange(max_bucket, dtype=torch.long, device=self.device)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._captured_sizes: dict[bool, tuple[int, ...]] = {False: (), True: ()}
-        # Per (bucket, with_lora): what the captured forward reads besides the buffers.
-        self._inputs: dict[tuple[int, bool], tuple[AttentionMetadata, MultiLoraApplier | None]] = {}
-        self._pool: object | None = None
-        self.num_replays = 0  # decode steps served by a graph (for tests and metrics)
-
-    @property
-    def captured(self) -> tuple[tuple[int, bool], ...]:
-        """(bucket, with_lora) of every graph captured so far."""
-        return tuple(sorted(self._graphs))
-
-    def capture(self, sizes: Sequence[int] | None = None) -> float:
-        """Capture the base (and LoRA) graph of every bucket in `sizes` (default: all);
-        returns the seconds it took. Must not run while the engine is stepping."""
-        start = time.perf_counter()
-        todo = sorted(self.sizes if sizes is None else sizes, reverse=True)
-        if any(s not in self.sizes for s in todo):
-            raise ValueError(f"buckets {todo} are not all among {self.sizes}")
-        with torch.cuda.device(self.device):
-            self.buffers.fill_padding(self.pad_block, self.block_size)
-            for size in todo:
-                for with_lora in (False, True) if self.lora_pool is not None else (False,):
-                    self._capture_one(size, with_lora)
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        log.info("captured %d decode CUDA graphs in %.1f s", len(self._graphs), seconds)
-        return seconds
 
     def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
         """Replay the smallest captured graph that holds this step and return its logits
@@ -128,10 +155,9 @@ class DecodeGraphs:
         if any(s.start_position >= self.max_model_len for s in seqs):
             return None
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
-        bucket = bucket_for(len(seqs), self._captured_sizes[with_lora])
+        bucket = self._bucket(len(seqs), with_lora)
         if bucket is None:
             return None
-        graph = self._graphs[(bucket, with_lora)]
         step = pad_decode(seqs, bucket, self.block_size, self.pad_block)
         ranks: Sequence[int] | torch.Tensor = ()
         if self.lora_pool is not None:
@@ -141,18 +167,17 @@ class DecodeGraphs:
                 # into other slots overlap it.
                 self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
         self.buffers.fill(step, ranks)
-        graph.replay()
-        self.num_replays += 1
+        self._replay(bucket, with_lora)
         return self.logits[: len(seqs)]
 
-    def _capture_one(self, size: int, with_lora: bool) -> None:
+    def _forward(self, size: int, with_lora: bool) -> Callable[[], None]:
         b = self.buffers
+        b.fill_padding(self.pad_block, self.block_size)
         attn = graph_attention_metadata(b, size, self.block_size, self.max_blocks_per_seq)
         lora = None
         if with_lora:
             assert self.lora_pool is not None
             lora = graph_lora_applier(self.lora_pool, b, size)
-        self._inputs[(size, with_lora)] = (attn, lora)
 
         def forward() -> None:
             logits = self.model(
@@ -161,11 +186,7 @@ class DecodeGraphs:
             )  # fmt: skip
             self.logits[:size].copy_(logits)
 
-        graph = capture_graph(forward, self.device, self._pool)
-        if self._pool is None:
-            self._pool = graph.pool()
-        self._graphs[(size, with_lora)] = graph
-        self._captured_sizes[with_lora] = tuple(sorted({*self._captured_sizes[with_lora], size}))
+        return forward
 
 
 def capture_graph(

@@ -18,15 +18,12 @@ shared `[max rows, vocab]` buffer.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from engine.attention import supports_decode_graphs
-from engine.cuda_graphs import capture_graph
-from engine.graph_inputs import bucket_for
+from engine.cuda_graphs import BucketGraphs
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
@@ -38,8 +35,6 @@ from engine.mixed_graph_inputs import (
 )
 from engine.model.llama import LlamaModel
 from engine.scheduler import ScheduledSeq
-
-log = logging.getLogger(__name__)
 
 
 def bucket_forward(
@@ -72,13 +67,15 @@ def bucket_forward(
     return forward
 
 
-class MixedGraphs:
+class MixedGraphs(BucketGraphs):
     """Captured mixed-step forwards for `model`; `run` replays one or says it cannot.
 
     `pad_block` is the KV block reserved for padding (the scheduler never hands it out),
     `max_model_len` bounds every context (it sizes the block tables), `max_tokens` the
     largest bucket. `lora_pool` None, or `lora_graphs` False, captures base graphs only.
     """
+
+    what = "mixed-step CUDA"
 
     def __init__(
         self,
@@ -96,14 +93,13 @@ class MixedGraphs:
             raise ValueError("mixed-step CUDA graphs need a CUDA model with Triton attention")
         if not 0 <= pad_block < kv_cache.num_blocks:
             raise ValueError(f"pad_block {pad_block} is not a block of the KV cache")
+        self.lora_pool = lora_pool if lora_graphs else None
+        super().__init__(model.device, token_buckets(max_tokens), self.lora_pool is not None)
         self.model = model
         self.kv_cache = kv_cache
-        self.lora_pool = lora_pool if lora_graphs else None
-        self.device = model.device
         self.pad_block = pad_block
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        self.sizes = token_buckets(max_tokens)
         num_slots = lora_pool.max_loras if lora_pool is not None else 0
         max_blocks = -(-max_model_len // kv_cache.block_size)
         self.buffers = StaticMixedBuffers(
@@ -115,39 +111,6 @@ class MixedGraphs:
             dtype=torch.float32,
             device=self.device,
         )  # [max rows, vocab] f32, every graph's output
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._pool: object | None = None
-        self.num_replays = 0  # mixed steps served by a graph (for tests and metrics)
-
-    @property
-    def captured(self) -> tuple[tuple[int, bool], ...]:
-        """(bucket, with_lora) of every graph captured so far."""
-        return tuple(sorted(self._graphs))
-
-    def capture(self, sizes: Sequence[int] | None = None) -> float:
-        """Capture the base (and LoRA) graph of every bucket in `sizes` (default: all);
-        returns the seconds it took. Must not run while the engine is stepping."""
-        start = time.perf_counter()
-        todo = sorted(self.sizes if sizes is None else sizes, reverse=True)
-        if any(s not in self.sizes for s in todo):
-            raise ValueError(f"buckets {todo} are not all among {self.sizes}")
-        with torch.cuda.device(self.device):
-            for size in todo:
-                # Before each capture: the warm-up run writes k/v only to scratch.
-                self._fill(self._padding_step(size), size)
-                for pool in (None, self.lora_pool) if self.lora_pool is not None else (None,):
-                    forward = bucket_forward(
-                        self.model, self.kv_cache, self.buffers, pool, size, self.logits,
-                        self.max_model_len,
-                    )  # fmt: skip
-                    graph = capture_graph(forward, self.device, self._pool)
-                    if self._pool is None:
-                        self._pool = graph.pool()
-                    self._graphs[(size, pool is not None)] = graph
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        log.info("captured %d mixed-step CUDA graphs in %.1f s", len(self._graphs), seconds)
-        return seconds
 
     def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
         """Replay the smallest captured graph that holds this step and return the logits
@@ -157,8 +120,7 @@ class MixedGraphs:
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
         if with_lora and self.lora_pool is None:
             return None
-        sizes = [b for b, lora in self._graphs if lora == with_lora]
-        bucket = bucket_for(num_tokens, sizes)
+        bucket = self._bucket(num_tokens, with_lora)
         if bucket is None or len(seqs) > seqs_in_bucket(bucket, self.max_num_seqs):
             return None
         if any(s.start_position + len(s.token_ids) > self.max_model_len for s in seqs):
@@ -168,9 +130,15 @@ class MixedGraphs:
             # This step's slots are written before the replay reads them.
             self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
         num_sampled = self._fill(seqs, bucket)
-        self._graphs[(bucket, with_lora)].replay()
-        self.num_replays += 1
+        self._replay(bucket, with_lora)
         return self.logits[:num_sampled]
+
+    def _forward(self, size: int, with_lora: bool) -> Callable[[], None]:
+        self._fill(self._padding_step(size), size)
+        pool = self.lora_pool if with_lora else None
+        return bucket_forward(
+            self.model, self.kv_cache, self.buffers, pool, size, self.logits, self.max_model_len
+        )
 
     def _fill(self, seqs: Sequence[ScheduledSeq], bucket: int) -> int:
         layout = lay_out_mixed(

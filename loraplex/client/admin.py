@@ -1,7 +1,7 @@
 """`AdminClient`: the control plane's admin API (tenants, API keys, base models,
 adapter versions, engines) as blocking calls returning dataclasses.
 
-    admin = AdminClient("127.0.0.1:50050", admin_token="change-me")
+    admin = AdminClient("127.0.0.1:50050", admin_token=os.environ["LORAPLEX_ADMIN_TOKEN"])
     admin.create_tenant("acme")
     key = admin.create_api_key("acme")          # key.api_key is shown only now
     admin.register_adapter("acme", "support", "/adapters/support", base_model="base")
