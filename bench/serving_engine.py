@@ -155,20 +155,9 @@ class EngineProcess:
         """Poll health, then ListAdapters until `num_adapters` are listed. Returns seconds
         from spawn to each. Raises BenchError if the process dies or time runs out."""
         deadline = self.spawned_at + timeout_s
+        serving_s = self.wait_serving(timeout_s)
         channel = grpc.insecure_channel(self.target)
         try:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check_alive("starting")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                self._check_deadline(deadline, timeout_s, "to report SERVING")
-                time.sleep(0.2)
-            serving_s = time.monotonic() - self.spawned_at
             admin = engine_admin_pb2_grpc.EngineAdminStub(channel)
             listed = 0
             while True:

@@ -8,10 +8,10 @@ g / k (the engine may batch several tokens into one message; each still waited).
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
+from latency import percentiles
 from prometheus_client.parser import text_string_to_metric_families
 from serving_client import RequestRecord
 from serving_spec import HBM_BYTES_PER_S, Preset
@@ -21,20 +21,6 @@ P = "loraplex_engine_"
 STEP_KINDS = ("prefill", "decode", "mixed")
 # A client process busier than this share of one core may be what limits the numbers.
 CLIENT_BOUND_CPU_SHARE = 0.8
-
-
-def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float | None]:
-    """p50/p90/p99 (nearest rank) and mean of `values` times `scale`; None when empty."""
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    ordered = sorted(values)
-    pick = {q: ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] for q in (50, 90, 99)}
-    return {
-        "p50": pick[50] * scale,
-        "p90": pick[90] * scale,
-        "p99": pick[99] * scale,
-        "mean": statistics.fmean(ordered) * scale,
-    }
 
 
 def client_view(records: list[RequestRecord]) -> dict[str, Any]:

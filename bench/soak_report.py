@@ -3,31 +3,17 @@ requests, whether resident memory stayed flat, and the markdown page of the resu
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import Counter
 from typing import Any
 
+from bench.latency import percentiles
 from bench.soak_load import Record
 
 # Resident memory is flat when, after the warm-up, it grows by at most this much
 # (allocator arenas and caches settle; a leak per request grows without bound).
 RSS_FLAT_FRACTION = 0.05
 RSS_FLAT_MIN_BYTES = 64 * 2**20
-
-
-def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float | None]:
-    """p50/p90/p99 (nearest rank) and mean of `values` times `scale`; None when empty."""
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    ordered = sorted(values)
-    pick = {q: ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] for q in (50, 90, 99)}
-    return {
-        "p50": pick[50] * scale,
-        "p90": pick[90] * scale,
-        "p99": pick[99] * scale,
-        "mean": statistics.fmean(ordered) * scale,
-    }
 
 
 def client_view(records: list[Record], wall_s: float) -> dict[str, Any]:
