@@ -27,6 +27,7 @@ from tests.control_plane.cp_harness import (
     ADMIN_TOKEN,
     Client,
     ControlPlaneHandle,
+    Process,
     running_control_plane,
 )
 from tests.model_factory import make_tiny_model
@@ -174,3 +175,12 @@ def with_base(admin: Client, base_dir: Path) -> Client:
     admin.CreateTenant(pb.CreateTenantRequest(name="globex"))
     admin.RegisterBaseModel(pb.RegisterBaseModelRequest(name="tiny", path=str(base_dir)))
     return admin
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Server processes a test starts (append them); each is killed when it ends."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.kill()

@@ -1,12 +1,18 @@
-"""Run a real control plane (gRPC on a loopback port) on a background event loop."""
+"""Run a real control plane (gRPC on a loopback port) on a background event loop, or
+`loraplex ...` server processes (`Process`) for tests that need real ones."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -85,3 +91,35 @@ def running_control_plane(config: ControlPlaneConfig) -> Iterator[ControlPlaneHa
         channel.close()
         background.run(running.stop(grace=0.5))
         background.close()
+
+
+class Process:
+    """A `loraplex ...` child process with its output in a log file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args, self.log = args, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        env = {**os.environ, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "loraplex.cli", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()

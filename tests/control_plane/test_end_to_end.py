@@ -4,12 +4,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,52 +13,12 @@ import pytest
 from loraplex.v1 import control_plane_pb2 as pb
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import engine_admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.control_plane.cp_harness import ADMIN_TOKEN, Client
+from tests.control_plane.cp_harness import ADMIN_TOKEN, Client, Process
 from tests.control_plane.test_reconciler import wait_for
 from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-
-
-class Process:
-    """A `loraplex ...` child process with its output in a log file."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args, self.log = args, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        env = {**os.environ, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "loraplex.cli", *self.args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.kill()
 
 
 def generate(address: str, adapter: str, api_key: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,14 @@ from sqlalchemy import text
 
 from control_plane.db import make_db_engine
 from loraplex.v1 import control_plane_pb2 as pb
-from tests.control_plane.cp_harness import ADMIN_TOKEN, Client
+from tests.control_plane.cp_harness import ADMIN_TOKEN, Client, Process
 from tests.control_plane.private_postgres import PrivatePostgres, private_postgres  # noqa: F401
 from tests.control_plane.rpc_helpers import code_of
-from tests.control_plane.test_end_to_end import Process, held
+from tests.control_plane.test_end_to_end import held
 from tests.control_plane.test_reconciler import wait_for
 from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.kill()
 
 
 def control_plane_args(url: str, port: int, adapter_root: Path, *extra: str) -> list[str]:
