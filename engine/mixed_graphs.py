@@ -118,15 +118,12 @@ class MixedGraphs(BucketGraphs):
         valid until the next replay), or None when no graph can run it."""
         num_tokens = sum(len(s.token_ids) for s in seqs)
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
-        if with_lora and self.lora_pool is None:
-            return None
-        bucket = self._bucket(num_tokens, with_lora)
+        bucket = self._bucket(num_tokens, with_lora)  # None for LoRA without LoRA graphs
         if bucket is None or len(seqs) > seqs_in_bucket(bucket, self.max_num_seqs):
             return None
         if any(s.start_position + len(s.token_ids) > self.max_model_len for s in seqs):
             return None
-        if with_lora:
-            assert self.lora_pool is not None
+        if with_lora and self.lora_pool is not None:
             # This step's slots are written before the replay reads them.
             self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
         num_sampled = self._fill(seqs, bucket)
