@@ -105,7 +105,7 @@ def engine_view(before_text: str, after_text: str) -> dict[str, Any]:
         "mean_batch_tokens": mean(P + "batch_size_tokens"),
         "step_phase_mean_ms": {
             phase: mean(P + "step_phase_seconds", 1e3, phase=phase)
-            for phase in ("schedule", "launch", "stream", "wait", "collect")
+            for phase in ("schedule", "launch", "wait", "collect", "stream")
         },
         "adapter_slot_loads": int(_delta(before, after, P + "adapter_slot_loads_total")),
         "preemptions": int(_delta(before, after, P + "preemptions_total")),

@@ -51,6 +51,9 @@ class EngineConfig:
     # Mixed steps (prompts beside decodes) of up to this many tokens replay CUDA graphs
     # too; None = the largest a mixed step can be, 0 = off (engine.mixed_graphs).
     mixed_graph_tokens: int | None = None
+    # Schedule and launch each step while the device runs the one before (CUDA only;
+    # engine.engine). Off: the host waits for every step before preparing the next.
+    step_overlap: bool = True
     admin_token: str = ""  # required by EngineAdmin when set
     control_plane: str = ""  # host:port of the control plane, "" = standalone
     advertise: str = ""  # address the control plane should dial back

@@ -42,6 +42,7 @@ from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.llama import LlamaModel
 from engine.scheduler import ScheduledSeq
+from engine.token_feed import TokenFeed
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,13 @@ class DecodeGraphs(BucketGraphs):
         )  # [max_bucket, vocab] f32, every graph's output
         self._logits_indices = torch.arange(max_bucket, dtype=torch.long, device=self.device)
 
-    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
+    def run(
+        self, seqs: Sequence[ScheduledSeq], feed: TokenFeed | None = None
+    ) -> torch.Tensor | None:
         """Replay the smallest captured graph that holds this step and return its logits
         `[len(seqs), vocab]` float32 (a view of the shared output buffer, valid until the
-        next replay), or None when the step is not a decode step a graph can run."""
+        next replay), or None when the step is not a decode step a graph can run.
+        `feed` writes the tokens still on the device into the input ids first."""
         if not is_decode_only(seqs):
             return None
         if any(s.start_position >= self.max_model_len for s in seqs):
@@ -167,6 +171,8 @@ class DecodeGraphs(BucketGraphs):
                 # into other slots overlap it.
                 self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
         self.buffers.fill(step, ranks)
+        if feed is not None:
+            feed.write_into(self.buffers.input_ids(len(seqs)))
         self._replay(bucket, with_lora)
         return self.logits[: len(seqs)]
 

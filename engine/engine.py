@@ -5,11 +5,15 @@ post to an inbox read between steps; so a cancel takes effect within one step an
 the loop's state is changed by one thread only. Reports (GetEngineInfo, metrics) read
 counters of the scheduler from other threads; such reads may be a step stale.
 
-A step is launched before the previous step's tokens are turned into text: on CUDA the
-detokenizing and streaming run while the device computes. EOS and token limits are
-checked as soon as a step's tokens arrive, so a finished request never takes another
-step; a stop string is found with the text, so its request may compute one token more
-(never streamed).
+Steps overlap on CUDA (`overlap`): step N+1 is scheduled and launched while the
+device still computes step N, its decode tokens read from N's sampled tokens on the
+device (`Scheduler.on_step_launched`), so the host's scheduling, input building and
+launches hide behind the device instead of leaving it idle between steps. Then N's
+tokens are collected, checked against EOS and token limits, and turned into streamed
+text while N+1 runs. A request that finishes at step N has computed one token more in
+N+1 (never streamed; a stop string, found with the text, may cost one more). Without
+overlap (the CPU, where a launch runs the step to the end) each step is collected
+before the next one is scheduled.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from engine.metrics import EngineMetrics
 from engine.output_processor import RequestStream
 from engine.request import EngineRequest, FinishReason, RequestOutput
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, PendingStep
 from engine.sampling import make_generator
 from engine.scheduler import ScheduledBatch, Scheduler, Sequence
 from engine.tokenizer import Tokenizer
@@ -43,6 +47,15 @@ class _Live:
     generator: torch.Generator
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device whose tokens have not been collected yet."""
+
+    batch: ScheduledBatch
+    pending: PendingStep
+    launched_at: float  # perf_counter when its launch began
+
+
 class Engine:
     def __init__(
         self,
@@ -52,7 +65,10 @@ class Engine:
         adapter_weights: AdapterWeightsSource | None = None,
         release_adapter: ReleaseAdapter | None = None,
         metrics: EngineMetrics | None = None,
+        overlap: bool | None = None,
     ) -> None:
+        """`overlap` None: overlap steps where the runner's device computes
+        asynchronously (CUDA)."""
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
@@ -62,6 +78,9 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._unstreamed: list[str] = []  # requests with accepted tokens not yet streamed
+        self.overlap = runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Launched | None = None
+        self._last_collected = 0.0  # perf_counter when the last step's tokens arrived
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         # Set (under the lock) once the loop has ended: later submissions fail at once
         # instead of waiting in an inbox nobody reads.
@@ -136,9 +155,10 @@ class Engine:
             self._release_adapter(request.adapter_id)
 
     def _step(self) -> bool:
-        """One iteration: inbox, schedule, copy adapters, launch the step, stream the
-        previous step's text while the device runs it, collect its tokens. False = stop."""
-        if not self._drain(block=not self.scheduler.has_work() and not self._unstreamed):
+        """One iteration: inbox, schedule, copy adapters, launch the step; then collect
+        the step before it (overlap) or this one, and stream text. False = stop."""
+        idle = not self.scheduler.has_work() and not self._unstreamed and self._in_flight is None
+        if not self._drain(block=idle):
             return False
         stamps = [time.perf_counter()]  # phase boundaries, for metrics.step_phases
         batch = self.scheduler.schedule()
@@ -146,46 +166,70 @@ class Engine:
         # Copies are issued before the forward; no sequence of this batch reads the
         # slots they fill, so on CUDA they run beside it.
         failed_loads = self._load_slots(batch.slot_loads)
-        pending = None
         stamps.append(time.perf_counter())
+        launched = None
         if batch.seqs and not failed_loads:  # failed loads ended requests: reschedule
-            live = [self._live[s.request_id] for s in batch.seqs]
-            try:
-                pending = self.runner.launch(
-                    batch,
-                    [entry.stream.request.params for entry in live],
-                    [entry.generator for entry in live],
-                )
-            except Exception:  # a bug: fail this batch, keep serving
-                self._fail_step(batch)
+            launched = self._launch(batch, stamps[-1])
         stamps.append(time.perf_counter())
-        self._stream_text()  # overlaps the launched step on CUDA
-        if pending is None:
-            return True
+        if self.overlap:
+            to_collect, self._in_flight = self._in_flight, launched
+        else:
+            to_collect = launched
+        if to_collect is not None:
+            self._collect(to_collect, stamps)
+        self._stream_text()  # on CUDA, overlaps the step in flight
         stamps.append(time.perf_counter())
+        if to_collect is not None:
+            self.metrics.step_phases(stamps)
+        return True
+
+    def _launch(self, batch: ScheduledBatch, now: float) -> _Launched | None:
+        """Queues `batch` on the device, its unresolved tokens fed from the step in
+        flight. None when the launch failed (its requests are failed)."""
+        live = [self._live[s.request_id] for s in batch.seqs]
+        previous = self._in_flight.pending if self._in_flight is not None else None
         try:
-            sampled = pending.result()
-        except Exception:  # a device fault surfaces here: fail this batch, keep serving
+            pending = self.runner.launch(
+                batch,
+                [entry.stream.request.params for entry in live],
+                [entry.generator for entry in live],
+                previous=previous,
+            )
+        except Exception:  # a bug: fail this batch, keep serving
             self._fail_step(batch)
-            return True
-        stamps.append(time.perf_counter())
+            return None
+        self.scheduler.on_step_launched(batch)
+        return _Launched(batch, pending, now)
+
+    def _collect(self, step: _Launched, stamps: list[float]) -> None:
+        """Waits for a step's tokens and accepts them; appends the wait and collect
+        phase stamps."""
+        try:
+            sampled = step.pending.result()
+        except Exception:  # a device fault surfaces here: fail what is in flight
+            self._fail_step(step.batch)
+            if self._in_flight is not None:
+                self._fail_step(self._in_flight.batch)
+                self._in_flight = None
+            stamps.append(time.perf_counter())
+            return
+        now = time.perf_counter()
+        stamps.append(now)
         self.steps += 1
-        self.metrics.step_done(batch, stamps[-1] - stamps[1])
-        self.scheduler.on_step_done(batch, sampled)
+        # The device time of this step, had it queued behind the one before.
+        self.metrics.step_done(step.batch, now - max(step.launched_at, self._last_collected))
+        self._last_collected = now
+        self.scheduler.on_tokens(sampled)
         for request_id, token in sampled.items():
             entry = self._live.get(request_id)
-            if entry is None:  # ended while the step ran (stop string, cancel)
-                continue
+            if entry is None or self.scheduler.get(request_id) is None:
+                continue  # ended while the step ran (finished, stop string, cancel)
             self._unstreamed.append(request_id)
             if entry.stream.accept(token) is not None:
                 # Done: its blocks and slot go back before the next schedule; its final
                 # text goes out with the next `_stream_text`.
                 self.scheduler.finish(request_id)
         stamps.append(time.perf_counter())
-        self.metrics.step_phases(stamps)
-        if not self.scheduler.has_work():
-            self._stream_text()
-        return True
 
     def _fail_step(self, batch: ScheduledBatch) -> None:
         log.exception("model step failed; failing the %d requests in it", len(batch.seqs))
@@ -238,6 +282,7 @@ class Engine:
                 list(request.prompt_token_ids),
                 adapter_id=request.adapter_id,
                 tenant=request.tenant,
+                max_tokens=len(request.prompt_token_ids) + request.params.max_new_tokens,
             )
         )
 

@@ -19,6 +19,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from engine.host_copy import copy_into
 from engine.kernels.meta import NO_SLOT
 from engine.scheduler import ScheduledSeq
 
@@ -178,15 +179,15 @@ class StaticDecodeBuffers:
         ranks = np.asarray(slot_ranks, dtype=np.int32)
         if len(ranks) > self.num_lora_slots:
             raise ValueError(f"{len(ranks)} slot ranks for {self.num_lora_slots} slots")
-        self.longs[:, :rows].copy_(torch.from_numpy(step.longs))
+        copy_into(self.longs[:, :rows], step.longs)
         ints = np.zeros(self.ints.numel(), dtype=np.int32)
         s = self._stride
         ints[:rows] = step.context_lens
         ints[s : s + rows] = step.token_slots
         ints[2 * s : 2 * s + rows] = step.sorted_token_ids
         ints[3 * s : 3 * s + len(ranks)] = ranks
-        self.ints.copy_(torch.from_numpy(ints))
-        self.block_tables[:rows, :width].copy_(torch.from_numpy(step.block_tables))
+        copy_into(self.ints, ints)
+        copy_into(self.block_tables[:rows, :width], step.block_tables)
 
     def fill_padding(self, pad_block: int, block_size: int) -> None:
         """Make every row a padding row (before capture: warm-up writes go to scratch)."""

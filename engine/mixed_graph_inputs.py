@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata
+from engine.host_copy import copy_into
 from engine.kernels.meta import LoraKernelMeta
 from engine.scheduler import ScheduledSeq
 
@@ -224,7 +225,7 @@ class StaticMixedBuffers:
         num_seqs, width = layout.block_tables.shape
         if width > self.block_tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks exceeds the buffers")
-        self.longs[:, : layout.bucket].copy_(torch.from_numpy(layout.longs))
+        copy_into(self.longs[:, : layout.bucket], layout.longs)
         ints = np.zeros(self.ints.numel(), dtype=np.int32)
         s = self._sections
         ints[s[0] : s[0] + self.max_num_seqs + 1] = layout.query_start_loc
@@ -233,5 +234,5 @@ class StaticMixedBuffers:
         ints[s[3] : s[3] + self.num_lora_slots + 1] = layout.seg_starts
         ints[s[4] : s[4] + self.num_lora_slots] = np.arange(self.num_lora_slots)
         ints[s[5] : s[5] + len(ranks)] = ranks
-        self.ints.copy_(torch.from_numpy(ints))
-        self.block_tables[:num_seqs, :width].copy_(torch.from_numpy(layout.block_tables))
+        copy_into(self.ints, ints)
+        copy_into(self.block_tables[:num_seqs, :width], layout.block_tables)

@@ -35,6 +35,7 @@ from engine.mixed_graph_inputs import (
 )
 from engine.model.llama import LlamaModel
 from engine.scheduler import ScheduledSeq
+from engine.token_feed import TokenFeed
 
 
 def bucket_forward(
@@ -112,10 +113,13 @@ class MixedGraphs(BucketGraphs):
             device=self.device,
         )  # [max rows, vocab] f32, every graph's output
 
-    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
+    def run(
+        self, seqs: Sequence[ScheduledSeq], feed: TokenFeed | None = None
+    ) -> torch.Tensor | None:
         """Replay the smallest captured graph that holds this step and return the logits
         of its sampling rows `[num_sampled, vocab]` float32 (a view of the shared buffer,
-        valid until the next replay), or None when no graph can run it."""
+        valid until the next replay), or None when no graph can run it. `feed` writes
+        the tokens still on the device into the input ids first."""
         num_tokens = sum(len(s.token_ids) for s in seqs)
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
         bucket = self._bucket(num_tokens, with_lora)  # None for LoRA without LoRA graphs
@@ -127,6 +131,8 @@ class MixedGraphs(BucketGraphs):
             # This step's slots are written before the replay reads them.
             self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
         num_sampled = self._fill(seqs, bucket)
+        if feed is not None:
+            feed.write_into(self.buffers.input_ids(bucket))
         self._replay(bucket, with_lora)
         return self.logits[:num_sampled]
 

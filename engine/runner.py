@@ -5,8 +5,9 @@ the device: one flat token batch, attention metadata, per-token adapter slots. O
 a decode-only step replays a captured graph when one fits (`engine.cuda_graphs`), and
 so does a mixed step of up to the largest mixed bucket (`engine.mixed_graphs`); every
 other step (CPU, or too large) runs the model eagerly.
-`launch` only queues the step, so the engine loop streams the previous step's text
-while the GPU computes.
+`launch` only queues the step, so the engine loop schedules the next step and streams
+the previous step's text while the GPU computes; the next step's decode tokens come from
+this step's samples on the device (`engine.token_feed`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from engine.attention.metadata import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs
+from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
@@ -26,6 +28,7 @@ from engine.mixed_graphs import MixedGraphs
 from engine.model.llama import LlamaModel
 from engine.sampling import SamplingParams, sample_tokens
 from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.token_feed import TokenFeed, token_feed
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,11 @@ class PendingStep:
     request_ids: list[str]  # the rows that sampled, in order
     tokens: torch.Tensor  # [len(request_ids)] long, on the host
     done: torch.cuda.Event | None  # None: already complete (CPU)
+    device_tokens: torch.Tensor | None = None  # the same on the device, for the next step
+
+    def rows(self) -> dict[str, int]:
+        """Request id -> its row of the sampled tokens."""
+        return {request_id: i for i, request_id in enumerate(self.request_ids)}
 
     def result(self) -> dict[str, int]:
         """Waits for the step (releasing the GIL meanwhile); request id -> token."""
@@ -81,16 +89,24 @@ class ModelRunner:
         batch: ScheduledBatch,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator],
+        previous: PendingStep | None = None,
     ) -> PendingStep:
         """Queues one step on the device and returns at once (on CUDA): the caller does
-        host work while the GPU computes, then collects the tokens with `result()`."""
+        host work while the GPU computes, then collects the tokens with `result()`.
+        `previous`: the step launched before, whose samples feed this step's unresolved
+        decode tokens."""
+        feed = None
+        if previous is not None:
+            feed = token_feed(batch.seqs, previous.rows(), previous.device_tokens)
+        else:
+            token_feed(batch.seqs, None, None)  # raises if a token has no source
         logits = None
         if self.decode_graphs is not None:
-            logits = self.decode_graphs.run(batch.seqs)
+            logits = self.decode_graphs.run(batch.seqs, feed)
         if logits is None and self.mixed_graphs is not None:
-            logits = self.mixed_graphs.run(batch.seqs)
+            logits = self.mixed_graphs.run(batch.seqs, feed)
         if logits is None:
-            logits = self._forward(batch)  # [num_sampled, vocab] float32
+            logits = self._forward(batch, feed)  # [num_sampled, vocab] float32
         sampled_rows = [i for i, s in enumerate(batch.seqs) if s.needs_logits]
         request_ids = [batch.seqs[i].request_id for i in sampled_rows]
         if not sampled_rows:
@@ -101,12 +117,12 @@ class ModelRunner:
             [generators[i] for i in sampled_rows],
         )  # [num_sampled] long on the device
         if tokens.device.type != "cuda":
-            return PendingStep(request_ids, tokens, None)
+            return PendingStep(request_ids, tokens, None, tokens)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return PendingStep(request_ids, host, done)
+        return PendingStep(request_ids, host, done, tokens)
 
     def warm_up(self, pad_block: int) -> float:
         """Runs eager steps of every shape class the Triton kernels specialise on (token
@@ -143,7 +159,7 @@ class ModelRunner:
                 pool.slot_ranks.copy_(saved)
         return time.perf_counter() - start
 
-    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _forward(self, batch: ScheduledBatch, feed: TokenFeed | None = None) -> torch.Tensor:
         """The eager forward: logits `[num_sampled, vocab]` float32 of the rows that sample."""
         input_ids: list[int] = []
         token_slots: list[int] = []
@@ -160,13 +176,16 @@ class ModelRunner:
             block_size=self.kv_cache.block_size,
             device=self.device,
         )
+        ids = to_device(input_ids, self.device)
+        if feed is not None:
+            feed.write_into(ids)
         return self.model(
-            torch.tensor(input_ids, dtype=torch.long).to(self.device),
+            ids,
             meta.positions,
             meta,
             self.kv_cache,
             self._lora_for(token_slots),
-            torch.tensor(logits_indices, dtype=torch.long).to(self.device),
+            to_device(logits_indices, self.device),
         )
 
     def _lora_for(self, token_slots: list[int]) -> MultiLoraApplier | None:

@@ -37,6 +37,13 @@ Preemption: when KV blocks run out for a running sequence, the latest admitted o
 not already in this step's batch is preempted: its blocks and slot are freed and it
 is recomputed later from its tokens (prompt + generated), so nothing is lost.
 
+Overlapped steps: the engine may schedule step N+1 while step N still runs on the
+device. `on_step_launched` records what a launched step computes and gives each
+sampling sequence an `UNRESOLVED` token, the one step N is sampling; step N+1 feeds
+it as a decode token (the runner reads it from the device) and `on_tokens` writes
+the real id in once step N's tokens reach the host. A sequence whose last token would
+reach its `max_tokens` is not given another decode step meanwhile.
+
 Host cost: O(running + admitted * log(queues) + ready queues + max_loras) per step;
 a queue holds one tenant's waiting requests for one adapter and only those of the
 base model and resident adapters are read, so the waiting queue is never walked.
@@ -52,6 +59,8 @@ from dataclasses import dataclass, field
 from engine.adapter_slots import AdapterSlots
 from engine.block_allocator import BlockAllocator, blocks_needed
 from engine.waiting_queue import WaitingQueue
+
+UNRESOLVED = -1  # a token a launched step is sampling, not yet known on the host
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     adapter_slot: int = -1
     waiting_since: int = 0  # schedule() calls made when it last entered the waiting queue
+    max_tokens: int | None = None  # prompt + the most tokens it may generate
+    num_unresolved: int = 0  # trailing UNRESOLVED tokens (steps in flight)
 
     @property
     def num_tokens(self) -> int:
@@ -176,7 +187,7 @@ class Scheduler:
         running = list(self._running.values())
 
         for seq in running:
-            if seq.num_tokens - seq.num_computed_tokens == 1:
+            if seq.num_tokens - seq.num_computed_tokens == 1 and not seq_at_limit(seq):
                 self._schedule_running(seq, 1, batch, in_batch, preempted)
         budget = self.config.max_num_batched_tokens - len(batch)
         if batch:
@@ -194,15 +205,31 @@ class Scheduler:
         return ScheduledBatch(tuple(batch), tuple(slot_loads), tuple(preempted))
 
     def on_step_done(self, batch: ScheduledBatch, sampled: dict[str, int]) -> None:
-        """Records what the step computed and the tokens it sampled."""
+        """Records a step that has run to the end: what it computed, what it sampled."""
+        self.on_step_launched(batch)
+        self.on_tokens(sampled)
+
+    def on_step_launched(self, batch: ScheduledBatch) -> None:
+        """Records what a launched step computes: its tokens count as cached, and each
+        sampling sequence gets an UNRESOLVED token until `on_tokens` brings the id."""
         for item in batch.seqs:
             seq = self._by_id.get(item.request_id)
             if seq is None:
                 continue
             seq.num_computed_tokens += len(item.token_ids)
-            token = sampled.get(item.request_id)
-            if token is not None:
-                seq.token_ids.append(token)
+            if item.needs_logits:
+                seq.token_ids.append(UNRESOLVED)
+                seq.num_unresolved += 1
+
+    def on_tokens(self, sampled: dict[str, int]) -> None:
+        """Writes in the tokens a step sampled (oldest unresolved first); ids of
+        sequences that have finished meanwhile are ignored."""
+        for request_id, token in sampled.items():
+            seq = self._by_id.get(request_id)
+            if seq is None or seq.num_unresolved == 0:
+                continue
+            seq.token_ids[seq.num_tokens - seq.num_unresolved] = token
+            seq.num_unresolved -= 1
 
     def _schedule_running(
         self,
@@ -359,6 +386,8 @@ class Scheduler:
         seq.adapter_slot = -1
 
     def _describe(self, seq: Sequence, n: int) -> ScheduledSeq:
+        if seq.num_unresolved and n != 1:  # only a decode may feed a token in flight
+            raise RuntimeError(f"request {seq.request_id} would feed unresolved tokens")
         start = seq.num_computed_tokens
         return ScheduledSeq(
             request_id=seq.request_id,
@@ -368,3 +397,8 @@ class Scheduler:
             adapter_slot=seq.adapter_slot,
             needs_logits=start + n == seq.num_tokens,
         )
+
+
+def seq_at_limit(seq: Sequence) -> bool:
+    """It holds every token it may have (the last maybe still being sampled)."""
+    return seq.max_tokens is not None and seq.num_tokens >= seq.max_tokens

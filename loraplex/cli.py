@@ -95,6 +95,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         lora_backend=args.lora_backend,
         cuda_graphs=not args.no_cuda_graphs,
         mixed_graph_tokens=args.mixed_graph_tokens,
+        step_overlap=not args.no_step_overlap,
         admin_token=args.admin_token,
         control_plane=args.control_plane,
         advertise=args.advertise,
@@ -250,6 +251,12 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         "--no-cuda-graphs",
         action="store_true",
         help="run every step eagerly instead of replaying captured CUDA graphs",
+    )
+    serve.add_argument(
+        "--no-step-overlap",
+        action="store_true",
+        help="wait for each step before scheduling the next (by default, on CUDA, the "
+        "next step is prepared and launched while the device runs the current one)",
     )
     serve.add_argument(
         "--mixed-graph-tokens",

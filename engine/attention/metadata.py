@@ -17,6 +17,8 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from engine.host_copy import to_device
+
 
 @dataclass(frozen=True, eq=False)
 class AttentionMetadata:
@@ -53,7 +55,7 @@ class AttentionMetadata:
 
     @cached_property
     def _decode_seq_index(self) -> Tensor:  # [num_decode] long
-        return torch.tensor(self.decode_seqs, dtype=torch.long).to(self.slot_mapping.device)
+        return to_device(self.decode_seqs, self.slot_mapping.device)
 
     @cached_property
     def decode_token_index(self) -> Tensor:  # [num_decode] long: flat index of the token
@@ -137,8 +139,8 @@ class AttentionMetadata:
 
         host_qsl = qsl.tolist()
         if device.type != "cpu":
-            longs = longs.to(device, non_blocking=True)
-            ints = ints.to(device, non_blocking=True)
+            longs = to_device(longs, device, torch.long)
+            ints = to_device(ints, device, torch.int32)
         return cls(
             block_size=block_size,
             query_start_loc=tuple(host_qsl),

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from engine.host_copy import to_device
+
 NO_SLOT = -1  # token_slots value of a token served by the base model alone
 MAX_SLICES = 4  # output slices of one projection group a kernel launch can cover
 
@@ -124,7 +126,7 @@ def build_meta(
         packed[pos : pos + values.numel()] = values
         views.append((pos, values.numel()))
         pos += _pad4(values.numel())
-    on_device = packed.to(device)
+    on_device = to_device(packed, device, torch.int32)
     tensors = [on_device[a : a + n] for a, n in views]
 
     return LoraKernelMeta(

@@ -187,6 +187,7 @@ def build_engine(
         adapter_weights=adapters.weights,
         release_adapter=adapters.release,
         metrics=metrics,
+        overlap=config.step_overlap and config.device.startswith("cuda"),
     )
     preloader = None
     if config.adapter_dir is not None:

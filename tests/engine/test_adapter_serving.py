@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from engine.config import EngineConfig
 from engine.model.config import load_model_config
 from engine.model.loader import model_fingerprint
+from engine.server.app import build_engine
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import inference_pb2
 from tests.adapter_factory import make_peft_adapter
@@ -125,10 +126,20 @@ def run_concurrently(running, jobs: list[tuple[str, int]]) -> dict[tuple[str, in
     return results
 
 
-def test_mixed_batch_of_adapters_matches_peft(tiny_llama31_path, adapter_root, expected):
-    with running_engine(
-        config_for(tiny_llama31_path, adapter_root, adapter_dir=adapter_root)
-    ) as running:
+def overlapped(config: EngineConfig, overlap: bool):
+    """The engine of `config`, each step launched before the previous one is collected
+    when `overlap` (what CUDA does; on the CPU a launch runs the step to the end, so
+    this checks the bookkeeping: tokens fed from the step before, one token computed
+    past a request's end, preemption and slot changes between launch and collect)."""
+    parts = build_engine(config)
+    parts.engine.overlap = overlap
+    return running_engine(config, parts)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_mixed_batch_of_adapters_matches_peft(tiny_llama31_path, adapter_root, expected, overlap):
+    config = config_for(tiny_llama31_path, adapter_root, adapter_dir=adapter_root)
+    with overlapped(config, overlap) as running:
         jobs = [(name, i) for name in [*ADAPTERS, ""] for i in range(len(PROMPTS))]
         results = run_concurrently(running, jobs)
         steps_with_many = running.parts.engine.steps
@@ -137,14 +148,41 @@ def test_mixed_batch_of_adapters_matches_peft(tiny_llama31_path, adapter_root, e
     assert steps_with_many < len(jobs) * NEW_TOKENS  # the rows really shared steps
 
 
-def test_more_adapters_in_flight_than_slots(tiny_llama31_path, adapter_root, expected):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_more_adapters_in_flight_than_slots(tiny_llama31_path, adapter_root, expected, overlap):
     config = config_for(tiny_llama31_path, adapter_root, adapter_dir=adapter_root, max_loras=2)
-    with running_engine(config) as running:
+    with overlapped(config, overlap) as running:
         jobs = [(name, i) for name in ADAPTERS for i in range(2)]
         results = run_concurrently(running, jobs)
         assert running.parts.engine.scheduler.slots.max_loras == 2
     for job in jobs:
         assert results[job] == expected[job], job
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_preempted_and_chunked_requests_match_peft(
+    tiny_llama31_path, adapter_root, expected, overlap
+):
+    # 6 KV blocks for 9 requests of up to 2 blocks each: running requests are preempted
+    # and recomputed; 8-token steps chunk every prompt and mix it with decodes.
+    config = config_for(
+        tiny_llama31_path,
+        adapter_root,
+        adapter_dir=adapter_root,
+        kv_cache_tokens=96,
+        max_num_seqs=6,
+        max_num_batched_tokens=8,
+        max_mixed_prefill_tokens=4,
+    )
+    with overlapped(config, overlap) as running:
+        jobs = [(name, i) for name in ["acme-all", "gamma-pattern", ""] for i in range(3)]
+        results = run_concurrently(running, jobs)
+        preemptions = running.parts.metrics.registry.get_sample_value(
+            "loraplex_engine_preemptions_total"
+        )
+    for job in jobs:
+        assert results[job] == expected[job], job
+    assert preemptions and preemptions > 0
 
 
 @pytest.fixture(scope="module")
