@@ -213,9 +213,10 @@ def test_bf16_replay_close_to_eager(gpu_setup) -> None:
 
 def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None:
     """The whole engine: 13 concurrent streams over five adapters and base rows give
-    the same tokens with CUDA graphs as with --no-cuda-graphs, and as transformers + peft
-    (float32); a small token budget makes long prompts prefill in chunks beside other
-    streams' decode tokens (mixed steps); one KV block is reserved for graph padding."""
+    the same tokens with CUDA graphs as with --no-cuda-graphs, with overlapped steps
+    (the default) as without, and as transformers + peft (float32); a small token
+    budget makes long prompts prefill in chunks beside other streams' decode tokens
+    (mixed steps); one KV block is reserved for graph padding."""
     from engine.config import EngineConfig
     from loraplex.v1 import inference_pb2
     from tests.engine_server import running_engine
@@ -235,7 +236,7 @@ def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None
         for i in range(13)
     ]
     results = {}
-    for graphs in (False, True):
+    for graphs, overlap in ((False, False), (False, True), (True, False), (True, True)):
         config = EngineConfig(
             model_path=base,
             device="cuda",
@@ -249,8 +250,10 @@ def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None
             adapter_dir=adapter_root,
             adapter_roots=(adapter_root,),
             cuda_graphs=graphs,
+            step_overlap=overlap,
         )
         with running_engine(config) as running:
+            assert running.parts.engine.overlap == overlap
             out: dict[int, list[int]] = {}
 
             def run(i: int, running=running, out=out) -> None:
@@ -276,10 +279,12 @@ def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None
             else:
                 assert runner.decode_graphs is None and runner.mixed_graphs is None
                 assert scheduler.blocks.num_blocks == runner.kv_cache.num_blocks
-            results[graphs] = out
-    assert all(len(t) == 12 for t in results[True].values())
-    assert results[True] == results[False]
+            results[graphs, overlap] = out
+    assert all(len(t) == 12 for t in results[True, True].values())
+    for variant, out in results.items():
+        assert out == results[True, True], variant
     adapter_of = {f"ad{i}": folder for i, folder in enumerate(adapter_dirs[:5])}
     for i, (adapter, prompt) in enumerate(jobs):
         reference = hf_model(base, adapter_of.get(adapter)).cuda()
-        assert results[True][i] == hf_greedy(reference, prompt, 12), f"stream {i} ({adapter!r})"
+        expected = hf_greedy(reference, prompt, 12)
+        assert results[True, True][i] == expected, f"stream {i} ({adapter!r})"
