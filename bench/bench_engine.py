@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.config import EngineConfig, resolve_device, resolve_dtype  # noqa: E402
-from loraplex.cli import default_cache_dir, resolve_model_path  # noqa: E402
+from engine.model.default_model import resolve_model_path  # noqa: E402
+from loraplex.environment import cache_dir  # noqa: E402
 from loraplex.v1 import inference_pb2  # noqa: E402
 from tests.engine_server import running_engine  # noqa: E402
 
@@ -116,7 +117,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype_name = resolve_dtype(args.dtype, device)
-    model_path = resolve_model_path(args.model, default_cache_dir())
+    model_path = resolve_model_path(args.model, cache_dir())
     from engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(model_path)

@@ -40,7 +40,8 @@ from bench.soak_load import (  # noqa: E402
 )
 from bench.soak_report import client_view, markdown, rss_trend  # noqa: E402
 from engine.model.config import load_model_config  # noqa: E402
-from loraplex.cli import default_cache_dir, resolve_model_path  # noqa: E402
+from engine.model.default_model import resolve_model_path  # noqa: E402
+from loraplex.environment import cache_dir  # noqa: E402
 from loraplex.v1 import engine_admin_pb2_grpc  # noqa: E402
 from tests.adapter_factory import write_random_adapter  # noqa: E402
 
@@ -110,7 +111,7 @@ def _wait_idle(admin: Any, token: str, engine: EngineProcess) -> dict[str, int]:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    model_dir = resolve_model_path(args.model, default_cache_dir())
+    model_dir = resolve_model_path(args.model, cache_dir())
     adapter_root = args.work_dir / "adapters"
     folders = _adapters(model_dir, adapter_root, args.adapters, args.rank)
     tenants = [f"tenant{i}" for i in range(args.tenants)]

@@ -1,35 +1,52 @@
-"""Turn a RegisterAdapter `uri` into a local adapter folder under the adapter roots.
+"""Turn a RegisterAdapter `uri` into a local adapter folder under the adapter roots, and
+adapter-folder errors into the control plane's refusals.
 
-Only local paths and `file:` URIs are accepted, and only under a configured root
-(after resolving symlinks and `..`), for the folder and for each file in it that the
-loader reads: the control plane reads these files and engines load them, so a
+Only local paths and `file:` URIs are accepted. Where the folder may lie is the rule
+the engine applies too (`engine.formats.adapter_folder`): under a configured root,
+after resolving symlinks and `..`, for the folder and for each file in it that the
+loader reads. The control plane reads these files and engines load them, so a
 registration must not be able to point either at arbitrary paths.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from control_plane.errors import ErrorCode, ServiceError, invalid, not_found
+from control_plane.errors import ErrorCode, ServiceError, invalid
+from engine.formats.adapter_folder import require_roots, resolve_adapter_folder
+from engine.formats.errors import (
+    AdapterChanged,
+    AdapterFormatError,
+    AdapterIncompatible,
+    AdapterMalformed,
+    status_name,
+)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-# The files an engine's loader opens; each must resolve under a root, not just the folder.
-LOADED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# How the sentence of a refused registration begins; the status is the one both
+# processes give the error's class (`engine.formats.errors.STATUS_NAMES`).
+_LEADS: tuple[tuple[type[AdapterFormatError], str], ...] = (
+    (AdapterIncompatible, "adapter {folder} is not compatible with base model {base_model!r}: "),
+    (AdapterChanged, "adapter {folder} cannot be registered: "),
+    (AdapterMalformed, "adapter {folder} cannot be registered: "),
+)
 
 
 def resolve_adapter_uri(uri: str, roots: Sequence[Path]) -> Path:
     """The resolved adapter folder; ServiceError naming what is wrong otherwise.
 
-    INVALID_ARGUMENT for a malformed uri or a folder outside the roots,
-    PERMISSION_DENIED for a file inside it that resolves (a symlink) outside them.
+    INVALID_ARGUMENT for a malformed uri or a path that cannot hold an adapter,
+    PERMISSION_DENIED for a folder, or a file the loader reads in it, that resolves
+    outside the roots, NOT_FOUND when nothing is there, FAILED_PRECONDITION when no
+    roots are configured or the path cannot be read.
     """
     path = _local_path(uri)
     try:
-        return _checked_folder(uri, path, roots)
+        require_roots(roots)
+        return resolve_adapter_folder(path, roots)
+    except AdapterFormatError as exc:
+        raise adapter_refusal(exc, path) from exc
     except ValueError as exc:  # Path.resolve on what the OS cannot take as a path
         raise invalid(f"{uri!r} is not a usable path ({exc}); give an absolute path") from exc
     except OSError as exc:
@@ -40,54 +57,11 @@ def resolve_adapter_uri(uri: str, roots: Sequence[Path]) -> Path:
         ) from exc
 
 
-def _checked_folder(uri: str, path: Path, roots: Sequence[Path]) -> Path:
-    if not roots:
-        raise ServiceError(
-            ErrorCode.FAILED_PRECONDITION,
-            "no adapter roots are configured; start the control plane with --adapter-root "
-            "(or LORAPLEX_ADAPTER_ROOTS) naming the folders adapters may be registered from",
-        )
-    resolved_roots = [Path(root).resolve() for root in roots]
-    resolved = path.resolve()
-    if not _under(resolved, resolved_roots):
-        allowed = ", ".join(str(root) for root in resolved_roots)
-        raise invalid(f"{uri} is outside the adapter roots ({allowed}); copy the adapter under one")
-    if not resolved.exists():
-        raise not_found(f"adapter folder {resolved} does not exist")
-    if not resolved.is_dir():
-        raise invalid(f"{resolved} is not a folder; expected a PEFT adapter folder")
-    if not (resolved / CONFIG_FILE).is_file():
-        raise not_found(f"{resolved} has no {CONFIG_FILE}; save the adapter with save_pretrained()")
-    if not (resolved / WEIGHTS_FILE).is_file() and not (resolved / "adapter_model.bin").is_file():
-        raise not_found(
-            f"{resolved} has no {WEIGHTS_FILE}; save the adapter with save_pretrained()"
-        )
-    for name in LOADED_FILES:
-        target = (resolved / name).resolve()
-        if (resolved / name).exists() and not _under(target, resolved_roots):
-            raise ServiceError(
-                ErrorCode.PERMISSION_DENIED,
-                f"{resolved / name} is a link to {target}, outside the adapter roots; "
-                "copy the file itself into the adapter folder",
-            )
-    return resolved
-
-
-def config_sha256(folder: Path) -> str:
-    """The sha256 of the folder's adapter_config.json, which engines check before they
-    load the version; FAILED_PRECONDITION when the file cannot be read."""
-    try:
-        return hashlib.sha256((folder / CONFIG_FILE).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise ServiceError(
-            ErrorCode.FAILED_PRECONDITION,
-            f"cannot read {folder / CONFIG_FILE}: {exc.strerror or exc}; check that the "
-            "file exists and that the control plane may read it",
-        ) from exc
-
-
-def _under(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path.is_relative_to(root) for root in roots)
+def adapter_refusal(exc: AdapterFormatError, folder: Path, base_model: str = "") -> ServiceError:
+    """The refusal of a registration from `folder` (for `base_model`) that failed with `exc`."""
+    lead = next((lead for cls, lead in _LEADS if isinstance(exc, cls)), "")
+    code = ErrorCode(status_name(exc))
+    return ServiceError(code, lead.format(folder=folder, base_model=base_model) + str(exc))
 
 
 def _local_path(uri: str) -> Path:

@@ -1,23 +1,24 @@
 """`loraplex control-plane|tenants|keys|base-models|adapters|engines ...` commands.
 
 `control-plane serve|migrate` run the server and the migrations; the rest are thin
-clients of the ControlPlane gRPC API. Flags fall back to LORAPLEX_* environment
-variables, read here and nowhere else.
+clients of the ControlPlane gRPC API. A flag's default is the config field's, or the
+LORAPLEX_* variable `loraplex.environment` reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from control_plane import tables
-from control_plane.config import DEFAULT_PORT
+from control_plane.config import ControlPlaneConfig
 from control_plane.db import sqlite_url
+from control_plane.reconciler.config import ReconcilerConfig
+from loraplex import environment
 from loraplex.client import AdminClient, LoraplexError
 from loraplex.keys import check_admin_token
 
@@ -29,32 +30,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_clients(subparsers)
 
 
-def _env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
-
-
 def _add_server(subparsers: argparse._SubParsersAction) -> None:
     cp = subparsers.add_parser("control-plane", help="run the control plane")
     sub = cp.add_subparsers(dest="control_plane_command", required=True)
-    database = {"default": _env("LORAPLEX_DATABASE_URL"),
+    database = {"default": environment.database_url(),
                 "help": "postgresql://... (LORAPLEX_DATABASE_URL); default: an embedded "
                         f"SQLite file {DEFAULT_SQLITE}"}
     serve = sub.add_parser("serve", help="serve the ControlPlane gRPC API and reconcile engines")
     serve.add_argument("--database-url", **database)
-    serve.add_argument("--admin-token", default=_env("LORAPLEX_ADMIN_TOKEN"),
+    serve.add_argument("--admin-token", default=environment.admin_token(),
                        help="admin RPCs must carry it (32+ characters; LORAPLEX_ADMIN_TOKEN)")
     serve.add_argument("--adapter-root", action="append", help="adapters may be registered "
-                       "from under this folder (repeatable; LORAPLEX_ADAPTER_ROOTS, ':'-separated)")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve.add_argument("--metrics-port", type=int, default=0,
+                       "from under this folder (repeatable; without one, LORAPLEX_ADAPTER_ROOTS, "
+                       "':'-separated)")
+    serve.add_argument("--host", default=ControlPlaneConfig.host)
+    serve.add_argument("--port", type=int, default=ControlPlaneConfig.port)
+    serve.add_argument("--metrics-port", type=int, default=ControlPlaneConfig.metrics_port,
                        help="serve Prometheus /metrics on this port (0 = off)")
-    serve.add_argument("--default-max-adapters", type=int, default=100)
-    serve.add_argument("--default-max-lora-rank", type=int, default=64)
-    serve.add_argument("--reconcile-interval", type=float, default=2.0, help="seconds")
-    serve.add_argument("--heartbeat-timeout", type=float, default=10.0,
+    serve.add_argument("--default-max-adapters", type=int,
+                       default=ControlPlaneConfig.default_max_adapters)
+    serve.add_argument("--default-max-lora-rank", type=int,
+                       default=ControlPlaneConfig.default_max_lora_rank)
+    serve.add_argument("--reconcile-interval", type=float, default=ReconcilerConfig.interval_s,
+                       help="seconds")
+    serve.add_argument("--heartbeat-timeout", type=float,
+                       default=ReconcilerConfig.heartbeat_timeout_s,
                        help="seconds without a heartbeat before an engine is stale")
-    serve.add_argument("--shutdown-grace", type=float, default=10.0,
+    serve.add_argument("--shutdown-grace", type=float, default=ControlPlaneConfig.shutdown_grace_s,
                        help="after SIGTERM, seconds the calls in flight get to finish (health "
                             "turns NOT_SERVING and new calls get UNAVAILABLE at once)")
     serve.add_argument("--replica-id", default="",
@@ -74,17 +76,14 @@ def _database_url(value: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from control_plane.config import ControlPlaneConfig
-    from control_plane.reconciler.loop import ReconcilerConfig
     from control_plane.server import NotMigratedError, serve_control_plane
 
     url = _database_url(args.database_url)
-    roots = args.adapter_root or [p for p in _env("LORAPLEX_ADAPTER_ROOTS").split(":") if p]
     try:
         check_admin_token(args.admin_token)
         config = ControlPlaneConfig(
             database_url=url, admin_token=args.admin_token,
-            adapter_roots=tuple(Path(r).expanduser().resolve() for r in roots),
+            adapter_roots=environment.adapter_roots(args.adapter_root),
             host=args.host, port=args.port, metrics_port=args.metrics_port,
             default_max_adapters=args.default_max_adapters,
             default_max_lora_rank=args.default_max_lora_rank,
@@ -127,9 +126,9 @@ def _add_clients(subparsers: argparse._SubParsersAction) -> None:
     def command(parent: argparse._SubParsersAction, name: str, run: Command,
                 help_text: str) -> argparse.ArgumentParser:
         parser = parent.add_parser(name, help=help_text)
-        parser.add_argument("--target", default=_env("LORAPLEX_CONTROL_PLANE",
-                                                     f"127.0.0.1:{DEFAULT_PORT}"))
-        parser.add_argument("--admin-token", default=_env("LORAPLEX_ADMIN_TOKEN"))
+        parser.add_argument("--target", default=environment.control_plane(
+            f"127.0.0.1:{ControlPlaneConfig.port}"))
+        parser.add_argument("--admin-token", default=environment.admin_token())
         parser.set_defaults(func=lambda args: _call(args, run))
         return parser
 

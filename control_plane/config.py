@@ -7,8 +7,6 @@ from pathlib import Path
 
 from control_plane.reconciler.config import ReconcilerConfig
 
-DEFAULT_PORT = 50050
-
 
 @dataclass(frozen=True)
 class ControlPlaneConfig:
@@ -16,7 +14,7 @@ class ControlPlaneConfig:
     admin_token: str
     adapter_roots: tuple[Path, ...] = ()
     host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT  # 0 = any free port (tests)
+    port: int = 50050  # 0 = any free port (tests)
     metrics_port: int = 0  # Prometheus /metrics over HTTP on `host`; 0 = off
     metrics_cache_s: float = 5.0  # fleet gauges re-read from the database at most this often
     default_max_adapters: int = 100

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import grpc
 
 from control_plane import convert
-from control_plane.admin_auth import bearer_token, is_admin_token
 from control_plane.db import database_unreachable
 from control_plane.errors import ErrorCode, ServiceError
 from control_plane.services.adapters import AdapterService
 from control_plane.services.base_models import BaseModelService
 from control_plane.services.engines import EngineService
 from control_plane.services.tenants import TenantService
+from loraplex.bearer import bearer_token, metadata_authorization, tokens_match
 from loraplex.v1 import control_plane_pb2 as pb
 from loraplex.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -228,14 +228,15 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     async def ResolveAdapter(
         self, request: pb.ResolveAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveAdapterResponse:
-        token = bearer_token(context.invocation_metadata())  # type: ignore[arg-type]
+        authorization = metadata_authorization(context.invocation_metadata())  # type: ignore[arg-type]
+        token = bearer_token(authorization)
         if not token:
             raise ServiceError(
                 ErrorCode.UNAUTHENTICATED,
                 "missing credentials: send 'authorization: Bearer <api key>' (or the admin token)",
             )
         caller: str | None = None
-        if not is_admin_token(token, self._admin_token):
+        if not tokens_match(token, self._admin_token):
             caller = await self._s.tenants.authenticate_async(token, context.peer())
         resolution = await asyncio.to_thread(
             self._s.engines.resolve_adapter, request.adapter, caller

@@ -1,4 +1,9 @@
-"""The engine's one frozen configuration, built once in `main()` from flags."""
+"""The engine's one frozen configuration, built once in `main()` from flags.
+
+The field defaults are the flags' defaults too (`loraplex.cli` reads them from here), and
+what follows from the settings alone is a property here rather than worked out where it
+is used; what needs the loaded model or the device's free memory is `build_engine`'s.
+"""
 
 from __future__ import annotations
 
@@ -90,6 +95,33 @@ class EngineConfig:
             )
         if not self.key_table_ttl_s > 0:
             raise ValueError(f"--key-table-ttl must be positive, got {self.key_table_ttl_s}")
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def resolved_lora_backend(self) -> str:
+        """`lora_backend` with auto made concrete: Triton on CUDA, torch on the CPU."""
+        if self.lora_backend != "auto":
+            return self.lora_backend
+        return "triton" if self.on_cuda else "torch"
+
+    @property
+    def readable_adapter_roots(self) -> tuple[Path, ...]:
+        """Where LoadAdapter may read: `adapter_roots`, and `adapter_dir` (its preload
+        reads there); with none at all LoadAdapter reads nothing."""
+        if self.adapter_dir is None:
+            return self.adapter_roots
+        return (*self.adapter_roots, self.adapter_dir)
+
+    def mixed_graph_max_tokens(self, max_num_batched_tokens: int) -> int:
+        """The largest mixed step replayed from a CUDA graph (0 = none), at most a step's
+        `max_num_batched_tokens`: by default the largest a step with running decodes can
+        be (its prompt-token cap plus one token per sequence)."""
+        if self.mixed_graph_tokens is not None:
+            return min(self.mixed_graph_tokens, max_num_batched_tokens)
+        return min(self.max_mixed_prefill_tokens + self.max_num_seqs, max_num_batched_tokens)
 
 
 def resolve_device(requested: str) -> str:

@@ -1,34 +1,21 @@
-"""The `loraplex` command. Flags and LORAPLEX_* environment variables are read here
-and nowhere else; each subcommand builds its component's frozen config and runs it."""
+"""The `loraplex` command. Each subcommand builds its component's frozen config from
+its flags and runs it; a flag's default is the config field's, or the LORAPLEX_*
+variable `loraplex.environment` reads."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
 from control_plane.cli import add_commands as add_control_plane_commands
 from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.model.default_model import DEFAULT_MODEL, resolve_model_path
+from loraplex import environment
 from loraplex.keys import check_admin_token
 from loraplex.up import add_command as add_up_command
-
-
-def default_cache_dir() -> Path:
-    return Path(
-        os.environ.get("LORAPLEX_CACHE_DIR", Path.home() / ".cache" / "loraplex" / "models")
-    )
-
-
-def resolve_model_path(model: str, cache_dir: Path) -> Path:
-    """`default` is the bundled SmolLM2-135M-Instruct, converted once into cache_dir."""
-    if model != "default":
-        return Path(model)
-    from engine.model.default_model import ensure_default_model
-
-    return ensure_default_model(cache_dir, progress=lambda msg: print(msg, file=sys.stderr))
 
 
 def _engine_serve(args: argparse.Namespace) -> int:
@@ -91,7 +78,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
         adapter_preload_threads=args.adapter_preload_threads,
         adapter_wait_s=args.adapter_wait_s,
-        adapter_roots=tuple(Path(p).resolve() for p in args.adapter_root),
+        adapter_roots=environment.adapter_roots(args.adapter_root),
         lora_backend=args.lora_backend,
         cuda_graphs=not args.no_cuda_graphs,
         mixed_graph_tokens=args.mixed_graph_tokens,
@@ -144,37 +131,45 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve = engine_sub.add_parser("serve", help="serve a model over gRPC")
     serve.add_argument(
         "--model",
-        default="default",
+        default=DEFAULT_MODEL,
         help="a Hugging Face safetensors folder, or 'default' (SmolLM2-135M-Instruct)",
     )
-    serve.add_argument("--cache-dir", default=str(default_cache_dir()))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--cache-dir", default=str(environment.cache_dir()))
+    serve.add_argument("--host", default=EngineConfig.host)
+    serve.add_argument("--port", type=int, default=EngineConfig.port)
     serve.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
+        "--metrics-port",
+        type=int,
+        default=EngineConfig.metrics_port,
+        help="serve Prometheus /metrics here (0 = off)",
     )
     serve.add_argument(
         "--http-port",
         type=int,
-        default=0,
+        default=EngineConfig.http_port,
         help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
         "/v1/models) and the /health, /ready probes here (0 = off)",
     )
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda")
     serve.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--block-size", type=int, default=EngineConfig.block_size)
     serve.add_argument(
         "--gpu-memory-fraction",
         type=float,
-        default=0.85,
+        default=EngineConfig.gpu_memory_fraction,
         help="share of free GPU memory for the KV cache",
     )
     serve.add_argument(
-        "--kv-cache-tokens", type=int, default=16384, help="KV cache capacity in tokens on the CPU"
+        "--kv-cache-tokens",
+        type=int,
+        default=EngineConfig.kv_cache_tokens,
+        help="KV cache capacity in tokens on the CPU",
     )
-    serve.add_argument("--max-model-len", type=int, default=0)
-    serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    serve.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len)
+    serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    serve.add_argument(
+        "--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens
+    )
     serve.add_argument(
         "--max-mixed-prefill-tokens",
         type=int,
@@ -191,7 +186,7 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-num-waiting",
         type=int,
-        default=1024,
+        default=EngineConfig.max_num_waiting,
         help="queued requests beyond which Generate answers RESOURCE_EXHAUSTED",
     )
     serve.add_argument(
@@ -208,20 +203,22 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         help="on SIGTERM: seconds the streams in flight may take to finish (health turns "
         "NOT_SERVING and new calls get UNAVAILABLE at once)",
     )
-    serve.add_argument("--default-max-new-tokens", type=int, default=256)
+    serve.add_argument(
+        "--default-max-new-tokens", type=int, default=EngineConfig.default_max_new_tokens
+    )
     serve.add_argument(
         "--max-loras",
         type=int,
-        default=0,
+        default=EngineConfig.max_loras,
         help="adapter slots on the device (distinct adapters per batch); 0 = auto: on CUDA "
         "as many slots at --max-lora-rank as fit in 10%% of the device memory free after "
         "the model loads (at most 128; the KV cache gets what is left), on the CPU 8",
     )
-    serve.add_argument("--max-lora-rank", type=int, default=64)
+    serve.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank)
     serve.add_argument(
         "--max-cpu-loras",
         type=int,
-        default=64,
+        default=EngineConfig.max_cpu_loras,
         help="idle adapters kept in host memory (adapters with requests in flight always are)",
     )
     serve.add_argument(
@@ -231,22 +228,27 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         "the engine serves meanwhile",
     )
     serve.add_argument(
-        "--adapter-preload-threads", type=int, default=4, help="threads loading --adapter-dir"
+        "--adapter-preload-threads",
+        type=int,
+        default=EngineConfig.adapter_preload_threads,
+        help="threads loading --adapter-dir",
     )
     serve.add_argument(
         "--adapter-wait-s",
         type=float,
-        default=30.0,
+        default=EngineConfig.adapter_wait_s,
         help="how long a request waits for its adapter while it is still being preloaded "
         "before UNAVAILABLE",
     )
     serve.add_argument(
         "--adapter-root",
         action="append",
-        default=[p for p in os.environ.get("LORAPLEX_ADAPTER_ROOTS", "").split(":") if p],
-        help="LoadAdapter may read only under these folders (repeatable)",
+        help="LoadAdapter may read only under these folders (repeatable; without one, "
+        "LORAPLEX_ADAPTER_ROOTS, ':'-separated)",
     )
-    serve.add_argument("--lora-backend", default="auto", help="auto | triton | torch")
+    serve.add_argument(
+        "--lora-backend", default=EngineConfig.lora_backend, help="auto | triton | torch"
+    )
     serve.add_argument(
         "--no-cuda-graphs",
         action="store_true",
@@ -261,22 +263,26 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--mixed-graph-tokens",
         type=int,
-        default=None,
+        default=EngineConfig.mixed_graph_tokens,
         help="mixed steps (prompts beside decodes) of up to this many tokens replay CUDA "
         "graphs; 0 = off (default: --max-mixed-prefill-tokens + --max-num-seqs)",
     )
     serve.add_argument(
         "--admin-token",
-        default=os.environ.get("LORAPLEX_ADMIN_TOKEN", ""),
+        default=environment.admin_token(),
         help="EngineAdmin calls must carry it (32+ characters; LORAPLEX_ADMIN_TOKEN); "
         "without one EngineAdmin answers loopback callers only",
     )
     serve.add_argument(
         "--control-plane",
-        default=os.environ.get("LORAPLEX_CONTROL_PLANE", ""),
+        default=environment.control_plane(),
         help="HOST:PORT of the control plane to register with",
     )
-    serve.add_argument("--advertise", default="", help="HOST:PORT the control plane dials back")
+    serve.add_argument(
+        "--advertise",
+        default=EngineConfig.advertise,
+        help="HOST:PORT the control plane dials back",
+    )
     serve.add_argument(
         "--key-table-ttl",
         type=float,
@@ -288,13 +294,13 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
 
     gen = subparsers.add_parser("generate", help="stream a completion from an engine")
     gen.add_argument("prompt")
-    gen.add_argument("--target", default="127.0.0.1:50051")
+    gen.add_argument("--target", default=f"{EngineConfig.host}:{EngineConfig.port}")
     gen.add_argument("--adapter", default="")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
-    gen.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY", ""))
+    gen.add_argument("--api-key", default=environment.api_key())
     gen.add_argument("--timeout", type=float, default=None, help="seconds the whole call may take")
     gen.set_defaults(func=_generate)
 

@@ -14,16 +14,20 @@ started.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from control_plane.config import ControlPlaneConfig
+from engine.config import EngineConfig
+from engine.model.default_model import DEFAULT_MODEL, resolve_model_path
+from loraplex import environment
 from loraplex.demo_adapter import DEMO_ADAPTERS, DemoAdaptersMissing, install_demo_adapters
 from loraplex.up_facts import AdapterFacts, UpFacts, facts_path, read_facts, write_facts
 from loraplex.up_guide import TRY_PROMPT, how_to_call, summary
@@ -34,18 +38,14 @@ from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
 TENANT = "demo"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ME = [sys.executable, "-m", "loraplex.cli"]  # how `up` starts each component
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser("up", help="start control plane + engine on the default model")
-    up.add_argument(
-        "--data-dir",
-        default=os.environ.get(
-            "LORAPLEX_DATA_DIR", str(Path.home() / ".local" / "share" / "loraplex")
-        ),
-    )
-    up.add_argument("--control-plane-port", type=int, default=50050)
-    up.add_argument("--engine-port", type=int, default=50051)
+    up.add_argument("--data-dir", default=str(environment.data_dir()))
+    up.add_argument("--control-plane-port", type=int, default=ControlPlaneConfig.port)
+    up.add_argument("--engine-port", type=int, default=EngineConfig.port)
     up.add_argument(
         "--engine-http-port",
         type=int,
@@ -61,82 +61,61 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     up.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from loraplex.cli import build_parser, default_cache_dir, resolve_model_path
+@dataclass(frozen=True)
+class Stack:
+    """Where `up` puts everything, settled before anything starts."""
 
-    data = Path(args.data_dir).expanduser().resolve()
-    adapter_root, logs = data / "adapters", data / "logs"
-    adapter_root.mkdir(parents=True, exist_ok=True)
-    logs.mkdir(parents=True, exist_ok=True)
-    previous = read_facts(facts_path(data))
-    token = (
-        os.environ.get("LORAPLEX_ADMIN_TOKEN")
-        or (previous.admin_token if previous else "")
-        or secrets.token_urlsafe(24)
-    )
-    http_port = args.engine_http_port if _engine_has_flag(build_parser(), "--http-port") else 0
-    cp_addr = f"127.0.0.1:{args.control_plane_port}"
-    engine_addr = f"127.0.0.1:{args.engine_port}"
-    log_files = {"control_plane": logs / "control-plane.log", "engine": logs / "engine.log"}
-    env = {**os.environ, "LORAPLEX_ADMIN_TOKEN": token}
-    me = [sys.executable, "-m", "loraplex.cli"]
+    data: Path  # the data dir: SQLite file, adapters, logs, up.json
+    adapter_root: Path  # the demo adapters; both components may read only here
+    logs: dict[str, Path]  # component -> log file
+    control_plane: str  # HOST:PORT
+    engine: str  # HOST:PORT
+    http_port: int  # the engine's HTTP API, 0 = off
+    admin_token: str
+    previous: UpFacts | None  # what the last `up` on this data dir made
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Stack:
+        """The stack `args` ask for, its folders made; the admin token is the
+        environment's, else the previous `up`'s, else a new one."""
+        data = Path(args.data_dir).expanduser().resolve()
+        adapter_root, logs = data / "adapters", data / "logs"
+        adapter_root.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        previous = read_facts(facts_path(data))
+        token = (
+            environment.admin_token()
+            or (previous.admin_token if previous else "")
+            or secrets.token_urlsafe(24)
+        )
+        return cls(
+            data=data,
+            adapter_root=adapter_root,
+            logs={"control_plane": logs / "control-plane.log", "engine": logs / "engine.log"},
+            control_plane=f"127.0.0.1:{args.control_plane_port}",
+            engine=f"127.0.0.1:{args.engine_port}",
+            http_port=args.engine_http_port,
+            admin_token=token,
+            previous=previous,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = Stack.of(args)
     processes: dict[str, subprocess.Popen] = {}
     # Ctrl-C, `kill` and a closed terminal all take one path: stop what `up` started, in
     # order. Set explicitly, since a shell starts background jobs with SIGINT ignored.
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.default_int_handler)
     try:
-        installed = install_demo_adapters(adapter_root)
-        model_dir = resolve_model_path("default", default_cache_dir())
-        cp_flags = ["--host", "127.0.0.1", "--port", str(args.control_plane_port)]
-        cp_flags += ["--database-url", f"sqlite:///{data / 'control-plane.db'}"]
-        processes["control_plane"] = start(
-            [*me, "control-plane", "serve", *cp_flags, "--adapter-root", str(adapter_root)],
-            env,
-            log_files["control_plane"],
-        )
-        wait_healthy(cp_addr, "control_plane", processes, log_files)
-        admin = cp_grpc.ControlPlaneStub(grpc.insecure_channel(cp_addr))
-        auth = [("authorization", f"Bearer {token}")]
-        _register_base_model(admin, auth, model_dir)
-        engine_flags = ["--model", str(model_dir), "--device", args.device]
-        engine_flags += ["--port", str(args.engine_port), "--adapter-root", str(adapter_root)]
-        engine_flags += ["--control-plane", cp_addr, "--advertise", engine_addr]
-        if http_port:
-            engine_flags += ["--http-port", str(http_port)]
-        processes["engine"] = start(
-            [*me, "engine", "serve", *engine_flags], env, log_files["engine"]
-        )
-        wait_healthy(engine_addr, "engine", processes, log_files, timeout=300)
-        _idempotent(lambda: admin.CreateTenant(cp.CreateTenantRequest(name=TENANT), metadata=auth))
-        adapters = _register_adapters(admin, auth, model_dir.name, installed)
-        _wait_placed(admin, auth, adapters, engine_addr)
-        key_id, key = _demo_key(admin, auth, previous)
-        facts = UpFacts(
-            control_plane=cp_addr,
-            engine=engine_addr,
-            engine_http=f"http://127.0.0.1:{http_port}" if http_port else None,
-            admin_token=token,
-            tenant=TENANT,
-            api_key=key,
-            api_key_id=key_id,
-            base_model=model_dir.name,
-            adapters=adapters,
-            logs={name: str(path) for name, path in log_files.items()},
-            pids={name: p.pid for name, p in processes.items()},
-            data_dir=str(data),
-        )
-        write_facts(facts_path(data), facts)
-        _show_demo(engine_addr, key, adapters)
-        print("\n" + summary(facts, str(facts_path(data))))
+        facts = _bring_up(args, stack, processes)
+        write_facts(facts_path(stack.data), facts)
+        _show_demo(stack.engine, facts.api_key, facts.adapters)
+        print("\n" + summary(facts, str(facts_path(stack.data))))
         print(how_to_call(facts), flush=True)
         if args.demo_only:
             return 0
-        print("serving; Ctrl-C stops everything", flush=True)
-        while all(p.poll() is None for p in processes.values()):
-            time.sleep(1)
-        print("a component exited; see the logs", file=sys.stderr)
-        return 1
+        return _serve_on(processes)
     except KeyboardInterrupt:
         print("\nstopping", file=sys.stderr)
         return 0
@@ -151,19 +130,71 @@ def run(args: argparse.Namespace) -> int:
         stop(list(processes.values()))
 
 
-def _engine_has_flag(parser: argparse.ArgumentParser, flag: str) -> bool:
-    """Whether `loraplex engine serve` takes `flag` (what `engine serve --help` lists)."""
-    serve = _subcommand(_subcommand(parser, "engine"), "serve")
-    return serve is not None and flag in serve._option_string_actions
+def _bring_up(
+    args: argparse.Namespace, stack: Stack, processes: dict[str, subprocess.Popen]
+) -> UpFacts:
+    """Starts the control plane, then the engine (each added to `processes` as it
+    starts), and sets up the demo tenant as an admin would; returns what it made."""
+    installed = install_demo_adapters(stack.adapter_root)
+    model_dir = resolve_model_path(DEFAULT_MODEL, environment.cache_dir())
+    env = environment.with_admin_token(stack.admin_token)
+    cp_flags = ["--host", "127.0.0.1", "--port", str(args.control_plane_port)]
+    cp_flags += ["--database-url", f"sqlite:///{stack.data / 'control-plane.db'}"]
+    cp_flags += ["--adapter-root", str(stack.adapter_root)]
+    cp_command = ["control-plane", "serve", *cp_flags]
+    _start(stack, processes, "control_plane", stack.control_plane, cp_command, env)
+    admin = cp_grpc.ControlPlaneStub(grpc.insecure_channel(stack.control_plane))
+    auth = [("authorization", f"Bearer {stack.admin_token}")]
+    _register_base_model(admin, auth, model_dir)
+    engine_flags = ["--model", str(model_dir), "--device", args.device]
+    engine_flags += ["--port", str(args.engine_port), "--adapter-root", str(stack.adapter_root)]
+    engine_flags += ["--control-plane", stack.control_plane, "--advertise", stack.engine]
+    if stack.http_port:
+        engine_flags += ["--http-port", str(stack.http_port)]
+    engine_command = ["engine", "serve", *engine_flags]
+    _start(stack, processes, "engine", stack.engine, engine_command, env, timeout=300)
+    _idempotent(lambda: admin.CreateTenant(cp.CreateTenantRequest(name=TENANT), metadata=auth))
+    adapters = _register_adapters(admin, auth, model_dir.name, installed)
+    _wait_placed(admin, auth, adapters, stack.engine)
+    key_id, key = _demo_key(admin, auth, stack.previous)
+    return UpFacts(
+        control_plane=stack.control_plane,
+        engine=stack.engine,
+        engine_http=f"http://127.0.0.1:{stack.http_port}" if stack.http_port else None,
+        admin_token=stack.admin_token,
+        tenant=TENANT,
+        api_key=key,
+        api_key_id=key_id,
+        base_model=model_dir.name,
+        adapters=adapters,
+        logs={name: str(path) for name, path in stack.logs.items()},
+        pids={name: p.pid for name, p in processes.items()},
+        data_dir=str(stack.data),
+    )
 
 
-def _subcommand(parser: argparse.ArgumentParser | None, name: str):
-    if parser is None:
-        return None
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
-            return action.choices[name]
-    return None
+def _start(
+    stack: Stack,
+    processes: dict[str, subprocess.Popen],
+    name: str,
+    address: str,
+    command: list[str],
+    env: dict[str, str],
+    timeout: float = 120,
+) -> None:
+    """Starts component `name` (`loraplex COMMAND`, logging to its file) and waits until
+    it serves on `address`."""
+    processes[name] = start([*ME, *command], env, stack.logs[name])
+    wait_healthy(address, name, processes, stack.logs, timeout=timeout)
+
+
+def _serve_on(processes: dict[str, subprocess.Popen]) -> int:
+    """Serves until Ctrl-C (KeyboardInterrupt) or until a component exits (1)."""
+    print("serving; Ctrl-C stops everything", flush=True)
+    while all(p.poll() is None for p in processes.values()):
+        time.sleep(1)
+    print("a component exited; see the logs", file=sys.stderr)
+    return 1
 
 
 def _register_base_model(admin, auth, model_dir: Path) -> None:

@@ -49,6 +49,18 @@ def test_generate_streams_to_the_terminal(tiny_llama31_path):
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
 
 
+def test_up_is_imported_without_the_cli():
+    """`loraplex.cli` imports `loraplex.up` to add its command, never the other way round."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, loraplex.up; print('loraplex.cli' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_engine_refuses_a_malformed_model_folder_with_a_sentence(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     done = subprocess.run(

@@ -37,7 +37,7 @@ from control_plane.reconciler.plan import (
 from control_plane.reconciler.store import LoadOutcome, PassResult, ReconcileStore
 from control_plane.reconciler.waiting import in_thread, log_failure, wait_event
 
-__all__ = ["PassReport", "Reconciler", "ReconcilerConfig"]
+__all__ = ["PassReport", "Reconciler"]
 log = logging.getLogger(__name__)
 
 

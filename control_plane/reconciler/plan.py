@@ -136,52 +136,97 @@ def plan(
     specs = list(versions)
     actions: list[Action] = []
     for engine_id in sorted(observed):
-        have = observed[engine_id]
         want = {s.adapter_id: s for s in specs if engine_id in desired.get(s.version_id, ())}
-        alias_owner = {alias: a for a, seen in have.items() for alias in seen.aliases}
-        aliases_now = {a: seen.aliases for a, seen in have.items()}
-        held_back: dict[str, tuple[str, ...]] = {}  # aliases kept until their owner is here
+        engine = _EnginePlan(engine_id, want, observed[engine_id])
+        evictions = engine.evictions()
+        releases = engine.releases()
+        evicted = {e.adapter_id for e in evictions}
+        actions += evictions + releases + engine.loads(evicted, placements, now)
+    return actions
+
+
+class _EnginePlan:
+    """One engine's calls, planned step by step: each step sees which adapter holds each
+    alias once the calls of the steps before have run."""
+
+    def __init__(
+        self, engine_id: int, want: Mapping[str, VersionSpec], have: Mapping[str, ObservedAdapter]
+    ) -> None:
+        self.engine_id = engine_id
+        self.want = want  # adapter id -> spec, for the versions desired here
+        self.have = have  # what the engine reports holding
+        self.owner = {alias: a for a, seen in have.items() for alias in seen.aliases}
+        self.aliases = {a: seen.aliases for a, seen in have.items()}  # held adapter -> aliases
+        # Aliases a wanted adapter should give up but keeps until their new owner is here.
+        self.held_back: dict[str, tuple[str, ...]] = {}
+
+    def evictions(self) -> list[Action]:
+        """Adapters held here that are not wanted, or wanted with other content; their
+        aliases are free once the calls run (an engine frees them as it evicts)."""
         evictions: list[Action] = []
+        for adapter_id in sorted(self.have):
+            seen = self.have[adapter_id]
+            if not seen.evicting and _stale(self.want.get(adapter_id), seen):
+                evictions.append(Evict(self.engine_id, adapter_id))
+                for alias in seen.aliases:
+                    del self.owner[alias]
+        return evictions
+
+    def releases(self) -> list[Action]:
+        """Loads again, with the aliases they keep, the wanted adapters held here that
+        should give up an alias whose new owner can take it now."""
         releases: list[Action] = []
-        for adapter_id in sorted(have):
-            seen = have[adapter_id]
-            spec = want.get(adapter_id)
-            if seen.evicting:
-                continue
-            if spec is None or (seen.sha256 and seen.sha256 != spec.sha256):
-                evictions.append(Evict(engine_id, adapter_id))
-                for alias in seen.aliases:  # an engine frees them as it evicts
-                    del alias_owner[alias]
+        for adapter_id in sorted(self.have):
+            seen = self.have[adapter_id]
+            spec = self.want.get(adapter_id)
+            if spec is None or seen.evicting or _stale(spec, seen):
                 continue
             # An alias this adapter should give up is kept until its new owner is held
             # here, so the name never points at nothing while the new version loads.
             kept = tuple(
-                a for a in sorted(seen.aliases) if a in spec.aliases or not _can_take(want, have, a)
+                a
+                for a in sorted(seen.aliases)
+                if a in spec.aliases or not _can_take(self.want, self.have, a)
             )
-            held_back[adapter_id] = tuple(a for a in kept if a not in spec.aliases)
+            self.held_back[adapter_id] = tuple(a for a in kept if a not in spec.aliases)
             if frozenset(kept) != seen.aliases:
                 for alias in seen.aliases - frozenset(kept):
-                    del alias_owner[alias]
-                aliases_now[adapter_id] = frozenset(kept)
-                releases.append(_load(engine_id, spec, kept))
-        actions += evictions + releases
-        evicted = {e.adapter_id for e in evictions}
-        for adapter_id in sorted(want):
-            spec = want[adapter_id]
-            seen = have.get(adapter_id)
+                    del self.owner[alias]
+                self.aliases[adapter_id] = frozenset(kept)
+                releases.append(_load(self.engine_id, spec, kept))
+        return releases
+
+    def loads(
+        self,
+        evicted: set[str],
+        placements: Mapping[PlacementKey, PlacementView],
+        now: datetime,
+    ) -> list[Action]:
+        """Loads of the wanted adapters not held here, or held without every alias they
+        may take now; `evicted` ones wait until the engine has let go of them."""
+        loads: list[Action] = []
+        for adapter_id in sorted(self.want):
+            spec = self.want[adapter_id]
+            seen = self.have.get(adapter_id)
             if adapter_id in evicted or (seen is not None and seen.evicting):
                 continue  # loaded again once the engine has let go of it
-            free = tuple(a for a in spec.aliases if alias_owner.get(a, adapter_id) == adapter_id)
-            free += held_back.get(adapter_id, ())
-            if seen is not None and frozenset(free) == aliases_now[adapter_id]:
+            free = tuple(a for a in spec.aliases if self.owner.get(a, adapter_id) == adapter_id)
+            free += self.held_back.get(adapter_id, ())
+            if seen is not None and frozenset(free) == self.aliases[adapter_id]:
                 continue
             # Backoff holds loads that read the adapter; an alias change reads nothing.
-            if seen is None and _backing_off(placements.get((spec.version_id, engine_id)), now):
+            placement = placements.get((spec.version_id, self.engine_id))
+            if seen is None and _backing_off(placement, now):
                 continue
             for alias in free:
-                alias_owner[alias] = adapter_id
-            actions.append(_load(engine_id, spec, free))
-    return actions
+                self.owner[alias] = adapter_id
+            loads.append(_load(self.engine_id, spec, free))
+        return loads
+
+
+def _stale(spec: VersionSpec | None, seen: ObservedAdapter) -> bool:
+    """Whether a held adapter is not wanted here, or is held with other content."""
+    return spec is None or bool(seen.sha256 and seen.sha256 != spec.sha256)
 
 
 def _can_take(

@@ -185,11 +185,6 @@ class PlacementRepository:
             )
         )
 
-    def for_version(self, version_id: int) -> list[Placement]:
-        return list(
-            self._session.scalars(select(Placement).where(Placement.version_id == version_id))
-        )
-
 
 def active_version_rows(session: Session) -> Sequence[Row[Any]]:
     """Every active version with what the reconciler needs to place it."""

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from control_plane.adapter_source import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    config_sha256,
-    resolve_adapter_uri,
-)
+from control_plane.adapter_source import adapter_refusal, resolve_adapter_uri
 from control_plane.errors import ErrorCode, ServiceError, invalid, not_found, precondition
 from control_plane.models import Adapter, AdapterVersion, Tenant, TenantState, VersionState
 from control_plane.records import AdapterPage, AdapterRecord, VersionRecord
@@ -27,13 +24,23 @@ from control_plane.services.common import (
     check_count,
     check_tenant_name,
 )
-from engine.lora.adapter_header import AdapterSummary
-from engine.lora.errors import AdapterFormatError
-from engine.lora.peft_format import validate_adapter_header
+from engine.formats.adapter_folder import WEIGHTS_FILE
+from engine.formats.adapter_header import AdapterSummary, validate_adapter_header
+from engine.formats.errors import AdapterFormatError
 from engine.model.config import ModelFormatError, parse_model_config
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class _Base:
+    """What a registration needs of its base model, read before the folder is."""
+
+    id: int
+    name: str
+    max_lora_rank: int
+    config: dict[str, object]  # config.json as registered
 
 
 class AdapterService:
@@ -60,43 +67,14 @@ class AdapterService:
         that of an older version, becomes a new version, so registering old content
         again rolls back.
         """
-        check_tenant_name(tenant_name)
-        check_adapter_name(name)
-        if not base_model:
-            raise invalid("base_model is required: the name of a registered base model")
-        check_base_model_name(base_model)
-        check_count("replicas", replicas)
-        if sha256 and not SHA256_HEX.match(sha256):
-            raise invalid(
-                f"sha256 {sha256!r} is not a checksum: give the 64 hex digits of "
-                "adapter_model.safetensors' sha256, or leave it empty"
-            )
-        with self._ctx.sessions.begin() as session:
-            _active_tenant(TenantRepository(session), tenant_name)
-            model = BaseModelRepository(session).get(base_model)
-            if model is None:
-                raise not_found(f"no base model named {base_model!r}; register it first")
-            model_id, max_rank, raw_config = model.id, model.max_lora_rank, model.config
+        _check_registration(tenant_name, name, base_model, replicas, sha256)
+        base = self._base_model(tenant_name, base_model)
         folder = resolve_adapter_uri(uri, self._roots)
-        # The config is hashed around its validation: the sha256 recorded (and checked
-        # by every engine before it loads the version) is that of the config validated.
-        config_before = config_sha256(folder)
-        summary = _validated(folder, raw_config, base_model, max_rank)
-        if config_sha256(folder) != config_before:
-            raise ServiceError(
-                ErrorCode.UNAVAILABLE,
-                f"{folder / CONFIG_FILE} changed while it was being registered; register "
-                "the adapter again once its files are completely written",
-            )
-        if sha256 and summary.sha256 != sha256.lower():
-            raise precondition(
-                f"{folder / WEIGHTS_FILE} has sha256 {summary.sha256}, not the given "
-                f"{sha256.lower()}; pass the file's checksum, or leave sha256 empty"
-            )
+        summary = _checked_against_base(folder, base, sha256)
         content = {
             "sha256": summary.sha256,
-            "config_sha256": config_before,
-            "base_model_id": model_id,
+            "config_sha256": summary.config_sha256,  # of the very bytes validated
+            "base_model_id": base.id,
         }
         now = self._ctx.clock()
         with self._ctx.sessions.begin() as session:
@@ -105,47 +83,37 @@ class AdapterService:
             tenant = _active_tenant(TenantRepository(session), tenant_name, for_update=True)
             adapters = AdapterRepository(session)
             adapter = adapters.get(tenant.id, name, for_update=True)
-            current = None if adapter is None else adapters.current_active(adapter)
-            if current is not None and _same_content(current, content):
-                if current.replicas != replicas:
-                    raise invalid(
-                        f"{tenant_name}/{name}@{current.number} holds this content with "
-                        f"replicas={current.replicas}; replicas cannot change for existing "
-                        "content: register new content, or retire the version and register "
-                        "it again"
-                    )
+            current = _current_with(adapters, adapter, content, replicas, f"{tenant_name}/{name}")
+            if current is not None:
                 return version_records(session, adapter, tenant_name, [current])[0]
             if adapter is None or adapters.newest_active(adapter.id) is None:
                 # It starts counting against the quota (adapters with an active version).
                 _check_quota(TenantRepository(session), tenant, tenant_name)
             if adapter is None:
                 adapter = adapters.add(tenant.id, name, now)
-            version = adapters.add_version(
-                adapter_id=adapter.id,
-                number=adapters.next_number(adapter.id),
-                uri=uri,
-                path=str(folder),
-                size_bytes=summary.size_bytes,
-                rank=summary.rank,
-                alpha=summary.alpha,
-                target_modules=list(summary.target_modules),
-                replicas=replicas,
-                state=VersionState.ACTIVE,
-                created_at=now,
-                **content,
+            version = _persist_version(
+                session, adapter, uri, folder, summary, content, replicas, now
             )
-            adapter.current_version_id = version.id
-            session.flush()
             AuditRepository(session).record(
                 actor,
                 "adapter.register",
                 f"{tenant_name}/{name}@{version.number}",
                 now,
-                {"uri": uri, "sha256": summary.sha256, "base_model": base_model},
+                {"uri": uri, "sha256": summary.sha256, "base_model": base.name},
             )
             record = version_records(session, adapter, tenant_name, [version])[0]
         self._ctx.on_change()
         return record
+
+    def _base_model(self, tenant_name: str, base_model: str) -> _Base:
+        """The base model to check against; NOT_FOUND / FAILED_PRECONDITION when it or
+        the tenant does not exist or the tenant is disabled."""
+        with self._ctx.sessions.begin() as session:
+            _active_tenant(TenantRepository(session), tenant_name)
+            model = BaseModelRepository(session).get(base_model)
+            if model is None:
+                raise not_found(f"no base model named {base_model!r}; register it first")
+            return _Base(model.id, model.name, model.max_lora_rank, model.config)
 
     def get_adapter(self, tenant_name: str, name: str) -> AdapterRecord:
         with self._ctx.sessions.begin() as session:
@@ -203,22 +171,95 @@ class AdapterService:
         return retired_records, record
 
 
-def _validated(
-    folder: Path, raw_config: dict[str, object], base_model: str, max_rank: int
-) -> AdapterSummary:
+def _check_registration(
+    tenant_name: str, name: str, base_model: str, replicas: int, sha256: str
+) -> None:
+    """INVALID_ARGUMENT for a request malformed before anything is read."""
+    check_tenant_name(tenant_name)
+    check_adapter_name(name)
+    if not base_model:
+        raise invalid("base_model is required: the name of a registered base model")
+    check_base_model_name(base_model)
+    check_count("replicas", replicas)
+    if sha256 and not SHA256_HEX.match(sha256):
+        raise invalid(
+            f"sha256 {sha256!r} is not a checksum: give the 64 hex digits of "
+            "adapter_model.safetensors' sha256, or leave it empty"
+        )
+
+
+def _checked_against_base(folder: Path, base: _Base, sha256: str) -> AdapterSummary:
+    """The folder's summary once it validates against `base` (the same checks an engine
+    makes before it reads tensor data) and its weights match `sha256` when given."""
     try:
-        model_config = parse_model_config(raw_config, name=base_model)
-        return validate_adapter_header(folder, model_config, max_rank, compute_sha256=True)
+        model_config = parse_model_config(base.config, name=base.name)
+        summary = validate_adapter_header(
+            folder, model_config, base.max_lora_rank, compute_sha256=True
+        )
     except AdapterFormatError as exc:
-        if exc.reason == "bad_pattern":  # unsafe whatever the base model: bad input
-            raise invalid(f"adapter {folder} cannot be registered: {exc}") from exc
-        raise precondition(
-            f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
-        ) from exc
+        raise adapter_refusal(exc, folder, base.name) from exc
     except ModelFormatError as exc:
         raise precondition(
-            f"adapter {folder} is not compatible with base model {base_model!r}: {exc}"
+            f"adapter {folder} is not compatible with base model {base.name!r}: {exc}"
         ) from exc
+    if sha256 and summary.sha256 != sha256.lower():
+        raise precondition(
+            f"{folder / WEIGHTS_FILE} has sha256 {summary.sha256}, not the given "
+            f"{sha256.lower()}; pass the file's checksum, or leave sha256 empty"
+        )
+    return summary
+
+
+def _current_with(
+    adapters: AdapterRepository,
+    adapter: Adapter | None,
+    content: dict[str, object],
+    replicas: int,
+    label: str,
+) -> AdapterVersion | None:
+    """The current version when it already holds `content` (registering it again is
+    idempotent); INVALID_ARGUMENT when it does with other replicas."""
+    current = None if adapter is None else adapters.current_active(adapter)
+    if current is None or not _same_content(current, content):
+        return None
+    if current.replicas != replicas:
+        raise invalid(
+            f"{label}@{current.number} holds this content with replicas={current.replicas}; "
+            "replicas cannot change for existing content: register new content, or retire "
+            "the version and register it again"
+        )
+    return current
+
+
+def _persist_version(
+    session: Session,
+    adapter: Adapter,
+    uri: str,
+    folder: Path,
+    summary: AdapterSummary,
+    content: dict[str, object],
+    replicas: int,
+    now: datetime,
+) -> AdapterVersion:
+    """A new active version of `adapter` holding `content`, made its current one."""
+    adapters = AdapterRepository(session)
+    version = adapters.add_version(
+        adapter_id=adapter.id,
+        number=adapters.next_number(adapter.id),
+        uri=uri,
+        path=str(folder),
+        size_bytes=summary.size_bytes,
+        rank=summary.rank,
+        alpha=summary.alpha,
+        target_modules=list(summary.target_modules),
+        replicas=replicas,
+        state=VersionState.ACTIVE,
+        created_at=now,
+        **content,
+    )
+    adapter.current_version_id = version.id
+    session.flush()
+    return version
 
 
 def _same_content(version: AdapterVersion, content: dict[str, object]) -> bool:

@@ -14,8 +14,8 @@ from control_plane.repositories.audit import AuditRepository
 from control_plane.repositories.catalog import BaseModelRepository
 from control_plane.repositories.fleet import EngineRepository
 from control_plane.services.common import ServiceContext, check_base_model_name
+from engine.formats.checkpoint import model_fingerprint
 from engine.model.config import ModelFormatError, load_model_config, parse_model_config
-from engine.model.loader import model_fingerprint
 
 MAX_LORA_RANK_LIMIT = 1024
 

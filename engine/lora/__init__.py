@@ -1,6 +1,6 @@
-"""LoRA adapters: the PEFT on-disk format, host residency (registry + LRU cache),
-device residency (slot pool) and the per-step applier the model calls.
+"""LoRA adapters: the packed host image of a PEFT folder, host residency (registry +
+LRU cache), device residency (slot pool) and the per-step applier the model calls.
 
-Importing this package is cheap and torch-free: import the submodules you need
-(`engine.lora.adapter_header` is what the control plane uses at registration time).
+Importing this package is cheap and torch-free; what the control plane needs (the
+folder's rules, config and tensor header) lives in the torch-free `engine.formats`.
 """

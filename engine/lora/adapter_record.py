@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from engine.lora.adapter_header import AdapterSummary
+from engine.formats.adapter_header import AdapterSummary
 
 
 @dataclass(frozen=True)

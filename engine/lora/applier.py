@@ -64,11 +64,6 @@ class MultiLoraApplier:
                 device=pool.device,
             )
 
-    @property
-    def active(self) -> bool:
-        """Whether any token of the step carries an adapter."""
-        return self.meta.num_active > 0
-
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """`out += LoRA(x)` for every token with a slot; other rows stay bit-identical.
 

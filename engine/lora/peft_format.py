@@ -1,14 +1,14 @@
 """Load a PEFT LoRA folder into its packed host image, ready for a device slot.
 
-Contract of `load_adapter`: the folder passes `validate_adapter_header` (same code,
-same header), its weights are finite before and after scaling, its sha256 matches
-`expected_sha256` and its adapter_config.json's sha256 matches `expected_config_sha256`
-when given (the config is read once: the bytes hashed are the bytes parsed). The
-result holds, per projection group, the adapter's whole slot image in the serving dtype
-(layout in engine.lora.layout), with PEFT's scaling (alpha/r or alpha/sqrt(r), per
-module) folded into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA
-output. The file is read once; its sha256 is computed beside the
-decode (engine.lora.hashed_read).
+Contract of `load_adapter`: the folder passes
+`engine.formats.adapter_header.validate_adapter_header` (same code, same header), its
+weights are finite before and after scaling, its sha256 matches `expected_sha256` and
+its adapter_config.json's sha256 matches `expected_config_sha256` when given (the
+config is read once: the bytes hashed are the bytes parsed). The result holds, per
+projection group, the adapter's whole slot image in the serving dtype (layout in
+engine.lora.layout), with PEFT's scaling (alpha/r or alpha/sqrt(r), per module) folded
+into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA output. The file
+is read once; its sha256 is computed beside the decode (engine.lora.hashed_read).
 """
 
 from __future__ import annotations
@@ -21,22 +21,20 @@ from pathlib import Path
 
 import torch
 
-from engine.lora.adapter_config import read_pinned_config
-from engine.lora.adapter_header import (
+from engine.formats.adapter_config import read_pinned_config
+from engine.formats.adapter_folder import unreadable_weights, weights_file
+from engine.formats.adapter_header import (
     AdapterSummary,
     LoraModuleSpec,
     check_sha256,
+    header_from_bytes,
     summarize,
-    validate_adapter_header,
-    weights_file,
 )
-from engine.lora.errors import AdapterFormatError
+from engine.formats.errors import AdapterFormatError, AdapterMalformed
+from engine.formats.safetensors_header import TensorInfo
 from engine.lora.hashed_read import read_hashed
 from engine.lora.layout import SLICE_OF, GroupLayout, group_layouts
-from engine.lora.safetensors_header import TensorInfo, read_header_from_bytes
 from engine.model.config import ModelConfig
-
-__all__ = ["LoraWeights", "load_adapter", "validate_adapter_header"]
 
 _DTYPES = {
     "F64": torch.float64,
@@ -61,7 +59,6 @@ class LoraWeights:
     summary: AdapterSummary
     groups: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     layouts: Mapping[str, GroupLayout]
-    config_sha256: str = ""  # of the adapter_config.json bytes these weights were scaled by
 
     @property
     def rank(self) -> int:
@@ -83,6 +80,11 @@ class LoraWeights:
     @property
     def sha256(self) -> str:
         return self.summary.sha256
+
+    @property
+    def config_sha256(self) -> str:
+        """Of the adapter_config.json bytes these weights were scaled by."""
+        return self.summary.config_sha256
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,16 +131,15 @@ def load_adapter(
     (page-locked when `pin_memory`); AdapterFormatError on any problem."""
     folder = Path(folder)
     pinned = read_pinned_config(folder, expected_config_sha256)
-    config = pinned.config
     path = weights_file(folder)
     try:
         read = read_hashed(path)
     except OSError as exc:
-        raise AdapterFormatError("corrupt_weights", f"cannot read {path}: {exc}") from exc
+        raise unreadable_weights(path, exc) from exc
     layouts = group_layouts(model_config)
     try:
-        header = read_header_from_bytes(path, read.data)
-        summary = summarize(config, header, model_config, max_rank, len(read.data), "")
+        header = header_from_bytes(path, read.data)
+        summary = summarize(pinned, header, model_config, max_rank, len(read.data), "")
         _check_finite(path, read.data, header, summary.modules)
         groups = _pack(read.data, header, summary, layouts, model_config, dtype, pin_memory)
     except AdapterFormatError:
@@ -147,7 +148,7 @@ def load_adapter(
         raise
     sha256 = read.sha256()
     check_sha256(path, sha256, expected_sha256)
-    return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts, pinned.sha256)
+    return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts)
 
 
 def _pack(
@@ -182,7 +183,7 @@ def _pack(
             # Finite weights times a finite but huge alpha/r overflow (in float32, or in
             # the cast to a narrower serving dtype): Inf here means garbage served.
             if not _all_finite(packed):
-                raise AdapterFormatError(
+                raise AdapterMalformed(
                     "non_finite",
                     f"tensor {spec.b_name} scaled by lora_alpha/r = {spec.scaling:.3g} is "
                     f"not finite in {dtype}; lora_alpha (or alpha_pattern) in "
@@ -209,7 +210,7 @@ def _check_finite(
             tensor = _tensor(data, header[name])
             if not _all_finite(tensor):
                 bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-                raise AdapterFormatError(
+                raise AdapterMalformed(
                     "non_finite",
                     f"tensor {name} in {path} contains {bad} values; the training run "
                     "diverged — use an earlier checkpoint or retrain",

@@ -15,7 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from engine.lora.errors import AdapterConflictError, AdapterFormatError, AdapterPathError
+from engine.formats.errors import AdapterFormatError
+from engine.lora.errors import AdapterConflictError
 from engine.lora.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class AdapterPreloader:
     def _load(self, folder: Path) -> bool:
         try:
             self._registry.load(folder.name, str(folder))
-        except (AdapterFormatError, AdapterPathError, AdapterConflictError) as exc:
+        except (AdapterFormatError, AdapterConflictError) as exc:  # outside the roots too
             log.error("skipping adapter folder %s: %s", folder, exc)
             return False
         except Exception:  # a bug, or the disk failing: skip this one, keep the rest

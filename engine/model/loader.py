@@ -1,17 +1,14 @@
-"""Load a Hugging Face safetensors checkpoint into `LlamaModel`, and fingerprint it.
+"""Load a Hugging Face safetensors checkpoint into `LlamaModel`.
 
 Checkpoint tensors are copied straight into slices of the fused parameters (q/k/v rows
 of `qkv_proj`, gate/up rows of `gate_up_proj`), converting dtype on the way, so peak
 memory stays one model plus one tensor. Every problem is a ModelFormatError naming the
-file or tensor at fault.
+file or tensor at fault. Which files a folder holds, and the header-only fingerprint,
+are in the torch-free `engine.formats.checkpoint`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +17,12 @@ from safetensors import safe_open
 from torch import Tensor
 
 from engine.attention import AttentionBackend
-from engine.model.config import ModelConfig, ModelFormatError, load_model_config
+from engine.formats.checkpoint import checkpoint_files
+from engine.model.config import ModelFormatError, load_model_config
 from engine.model.llama import LlamaModel
 
-INDEX_FILE = "model.safetensors.index.json"
 # Buffers some older checkpoints carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Bytes of each tensor's data that enter the fingerprint: enough to tell fine-tunes of
-# one architecture apart without reading gigabytes.
-_FINGERPRINT_SAMPLE_BYTES = 4096
 
 
 def load_model(
@@ -44,37 +38,6 @@ def load_model(
     model = LlamaModel(config, dtype=dtype, device=device, attend=attend, fused_ops=fused_ops)
     load_weights(model, Path(folder))
     return model.eval()
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of `folder`: those its index names, else every `*.safetensors`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFormatError(f"model folder {folder} does not exist")
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelFormatError(f"{index} is not a valid safetensors index: {exc}") from exc
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for path in files:
-            if not path.is_file():
-                raise ModelFormatError(f"{INDEX_FILE} names shard {path.name}, which is missing")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    for path in files:
-        if not path.is_file():  # a FIFO or a device would block the read or never end
-            raise ModelFormatError(f"{path} is not a regular file; weight files must be")
-    if files:
-        return files
-    other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
-    if other:
-        raise ModelFormatError(
-            f"{folder} has no *.safetensors weights, only {', '.join(other[:3])}; "
-            "convert it with transformers' save_pretrained(..., safe_serialization=True)"
-        )
-    raise ModelFormatError(f"{folder} has no *.safetensors weight files")
 
 
 def load_weights(model: LlamaModel, folder: Path) -> None:
@@ -141,50 +104,8 @@ def _destinations(model: LlamaModel) -> dict[str, Tensor]:
     return out
 
 
-def model_fingerprint(config: ModelConfig, folder: Path) -> str:
-    """A sha256 hex identifying the base model, independent of where it is stored.
-
-    Covers the architecture (every ModelConfig field but the folder name), and each
-    checkpoint tensor's name, dtype, shape and first bytes of data, sorted by name, read
-    from safetensors headers without loading weights. Copies hash equal; sharding the
-    same tensors differently does not change it.
-    """
-    architecture = {k: v for k, v in dataclasses.asdict(config).items() if k != "name"}
-    tensors: dict[str, list[Any]] = {}
-    for path in checkpoint_files(folder):
-        with path.open("rb") as handle:
-            header, data_start = _read_header(handle, path)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                handle.seek(data_start + begin)
-                sample = handle.read(min(end - begin, _FINGERPRINT_SAMPLE_BYTES))
-                sample_hash = hashlib.sha256(sample).hexdigest()
-                tensors[name] = [info["dtype"], list(info["shape"]), sample_hash]
-    payload = json.dumps(
-        {"architecture": architecture, "tensors": sorted(tensors.items())}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 def _open_safetensors(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error type for corrupt files
         raise ModelFormatError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-
-
-def _read_header(handle: Any, path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors JSON header and the file offset where tensor data begins."""
-    raw_len = handle.read(8)
-    if len(raw_len) != 8:
-        raise ModelFormatError(f"{path.name} is not a safetensors file (too short)")
-    (header_len,) = struct.unpack("<Q", raw_len)
-    if header_len > 100 * 1024 * 1024:
-        raise ModelFormatError(f"{path.name} is not a safetensors file (header too large)")
-    try:
-        header = json.loads(handle.read(header_len))
-    except ValueError as exc:
-        raise ModelFormatError(f"{path.name} has an unreadable safetensors header") from exc
-    return header, 8 + header_len

@@ -28,6 +28,7 @@ from engine.attention import supports_decode_graphs
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine import Engine
+from engine.formats.checkpoint import model_fingerprint
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
 from engine.lora.layout import slot_bytes
 from engine.lora.preload import AdapterPreloader
@@ -36,10 +37,11 @@ from engine.lora.slot_pool import LoraSlotPool
 from engine.metrics import EngineMetrics
 from engine.mixed_graphs import MixedGraphs
 from engine.model.config import ModelConfig
-from engine.model.loader import load_model, model_fingerprint
+from engine.model.llama import LlamaModel
+from engine.model.loader import load_model
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.server.admin import EngineAdminServicer
+from engine.server.admin import EngineAdminServicer, admin_token_check
 from engine.server.auth import ApiKeyTable, KeyMetrics
 from engine.server.control_link import ControlLinkConfig, run_control_link
 from engine.server.generation import GenerationService
@@ -116,68 +118,19 @@ def build_engine(
         dtype,
         config.device,
     )
-    # With CUDA graphs the last KV block is scratch for the padding rows of a replayed
-    # decode bucket; the scheduler's allocator is given every block but that one.
-    use_graphs = (
-        config.cuda_graphs
-        and config.device.startswith("cuda")
-        and supports_decode_graphs(model.attend)
-        and kv_cache.num_blocks > 1
-    )
-    num_blocks = kv_cache.num_blocks - (1 if use_graphs else 0)
-    capacity = num_blocks * config.block_size
-    max_model_len = min(
-        config.max_model_len or model_config.max_position_embeddings,
-        model_config.sliding_window or capacity,
-        capacity,
-    )
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=min(config.max_num_batched_tokens, capacity),
-            max_mixed_prefill_tokens=config.max_mixed_prefill_tokens,
-            max_wait_steps=config.max_wait_steps,
-            block_size=config.block_size,
-            num_blocks=num_blocks,
-            max_loras=config.max_loras,
-        )
-    )
-    lora_backend = config.lora_backend
-    if lora_backend == "auto":
-        lora_backend = "triton" if config.device.startswith("cuda") else "torch"
-    # --adapter-dir is a root too; with no roots at all LoadAdapter reads nothing.
-    roots = config.adapter_roots
-    if config.adapter_dir is not None:
-        roots = (*roots, config.adapter_dir)
-    adapters = AdapterRegistry(
+    use_graphs = _uses_cuda_graphs(config, model, kv_cache)
+    limits = _kv_limits(config, model_config, kv_cache, use_graphs)
+    scheduler = _scheduler(config, limits)
+    adapters = _adapter_registry(
+        config,
         model_config,
-        max_rank=config.max_lora_rank,
-        max_cpu_loras=config.max_cpu_loras,
-        adapter_roots=roots,
-        pin_memory=config.device.startswith("cuda"),
-        dtype=dtype,
+        dtype,
         # An adapter that really left (evicted, last request done) frees its slot.
         # `engine` is bound below, before any adapter can be dropped.
         on_drop=lambda adapter_id: engine.forget_adapter(adapter_id),
         before_read=before_adapter_read,
     )
-    decode_graphs, mixed_graphs = None, None
-    if use_graphs:  # captured at start, so no request waits on a capture
-        graph_args = {
-            "max_num_seqs": config.max_num_seqs,
-            "max_model_len": max_model_len,
-            "pad_block": kv_cache.num_blocks - 1,
-            "lora_graphs": lora_backend == "triton",
-        }
-        decode_graphs = DecodeGraphs(model, kv_cache, pool, **graph_args)
-        decode_graphs.capture()
-        mixed_tokens = _mixed_graph_tokens(config, scheduler.config.max_num_batched_tokens)
-        if mixed_tokens:
-            mixed_graphs = MixedGraphs(model, kv_cache, pool, max_tokens=mixed_tokens, **graph_args)
-            mixed_graphs.capture()
-    runner = ModelRunner(model, kv_cache, pool, lora_backend, decode_graphs, mixed_graphs)
-    if use_graphs:  # CUDA: compile the eager path's kernel variants before serving too
-        log.info("warmed up the eager path in %.1f s", runner.warm_up(kv_cache.num_blocks - 1))
+    runner = _runner(config, model, kv_cache, pool, limits, use_graphs)
     metrics = EngineMetrics()
     metrics.watch(scheduler, adapters, model_config.name)
     engine = Engine(
@@ -187,14 +140,9 @@ def build_engine(
         adapter_weights=adapters.weights,
         release_adapter=adapters.release,
         metrics=metrics,
-        overlap=config.step_overlap and config.device.startswith("cuda"),
+        overlap=config.step_overlap and config.on_cuda,
     )
-    preloader = None
-    if config.adapter_dir is not None:
-        preloader = AdapterPreloader(
-            adapters, Path(config.adapter_dir), config.adapter_preload_threads
-        )
-        preloader.start()
+    preloader = _start_preload(config, adapters)
     return EngineParts(
         config=config,
         model_config=model_config,
@@ -206,7 +154,9 @@ def build_engine(
             ttl_s=config.key_table_ttl_s if config.control_plane else None,
             metrics=KeyMetrics(metrics.registry),
         ),
-        limits=RequestLimits(model_config.vocab_size, max_model_len, config.default_max_new_tokens),
+        limits=RequestLimits(
+            model_config.vocab_size, limits.max_model_len, config.default_max_new_tokens
+        ),
         fingerprint=model_fingerprint(model_config, config.model_path),
         boot_id=uuid.uuid4().hex,
         metrics=metrics,
@@ -214,12 +164,125 @@ def build_engine(
     )
 
 
-def _mixed_graph_tokens(config: EngineConfig, max_num_batched_tokens: int) -> int:
-    """The largest mixed step replayed from a CUDA graph: by default the largest a step
-    with running decodes can be (its prompt-token cap plus one token per sequence)."""
-    if config.mixed_graph_tokens is not None:
-        return min(config.mixed_graph_tokens, max_num_batched_tokens)
-    return min(config.max_mixed_prefill_tokens + config.max_num_seqs, max_num_batched_tokens)
+@dataclass(frozen=True)
+class _KvLimits:
+    """What the KV cache leaves the scheduler and the requests."""
+
+    num_blocks: int  # the scheduler's: with CUDA graphs all but the padding rows' scratch
+    max_model_len: int
+    max_num_batched_tokens: int
+
+
+def _uses_cuda_graphs(config: EngineConfig, model: LlamaModel, kv_cache: KVCache) -> bool:
+    """Whether steps replay captured CUDA graphs: asked for, on CUDA, with an attention
+    backend that supports them and a KV block to spare as the padding rows' scratch."""
+    return (
+        config.cuda_graphs
+        and config.on_cuda
+        and supports_decode_graphs(model.attend)
+        and kv_cache.num_blocks > 1
+    )
+
+
+def _kv_limits(
+    config: EngineConfig, model_config: ModelConfig, kv_cache: KVCache, use_graphs: bool
+) -> _KvLimits:
+    # With CUDA graphs the last KV block is scratch for the padding rows of a replayed
+    # decode bucket; the scheduler's allocator is given every block but that one.
+    num_blocks = kv_cache.num_blocks - (1 if use_graphs else 0)
+    capacity = num_blocks * config.block_size
+    max_model_len = min(
+        config.max_model_len or model_config.max_position_embeddings,
+        model_config.sliding_window or capacity,
+        capacity,
+    )
+    return _KvLimits(num_blocks, max_model_len, min(config.max_num_batched_tokens, capacity))
+
+
+def _scheduler(config: EngineConfig, limits: _KvLimits) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=limits.max_num_batched_tokens,
+            max_mixed_prefill_tokens=config.max_mixed_prefill_tokens,
+            max_wait_steps=config.max_wait_steps,
+            block_size=config.block_size,
+            num_blocks=limits.num_blocks,
+            max_loras=config.max_loras,
+        )
+    )
+
+
+def _adapter_registry(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    on_drop: Callable[[str], None],
+    before_read: Callable[[str], None] | None,
+) -> AdapterRegistry:
+    return AdapterRegistry(
+        model_config,
+        max_rank=config.max_lora_rank,
+        max_cpu_loras=config.max_cpu_loras,
+        adapter_roots=config.readable_adapter_roots,
+        pin_memory=config.on_cuda,
+        dtype=dtype,
+        on_drop=on_drop,
+        before_read=before_read,
+    )
+
+
+def _runner(
+    config: EngineConfig,
+    model: LlamaModel,
+    kv_cache: KVCache,
+    pool: LoraSlotPool,
+    limits: _KvLimits,
+    use_graphs: bool,
+) -> ModelRunner:
+    """The model runner; with CUDA graphs they are captured and its eager path warmed up
+    now, so no request waits on a capture or a compile."""
+    lora_backend = config.resolved_lora_backend
+    if not use_graphs:
+        return ModelRunner(model, kv_cache, pool, lora_backend)
+    decode_graphs, mixed_graphs = _capture_graphs(config, model, kv_cache, pool, limits)
+    runner = ModelRunner(model, kv_cache, pool, lora_backend, decode_graphs, mixed_graphs)
+    log.info("warmed up the eager path in %.1f s", runner.warm_up(kv_cache.num_blocks - 1))
+    return runner
+
+
+def _capture_graphs(
+    config: EngineConfig,
+    model: LlamaModel,
+    kv_cache: KVCache,
+    pool: LoraSlotPool,
+    limits: _KvLimits,
+) -> tuple[DecodeGraphs, MixedGraphs | None]:
+    """Decode graphs, and mixed-step graphs unless `--mixed-graph-tokens 0`; the padding
+    rows of both write to the last KV block."""
+    graph_args = {
+        "max_num_seqs": config.max_num_seqs,
+        "max_model_len": limits.max_model_len,
+        "pad_block": kv_cache.num_blocks - 1,
+        "lora_graphs": config.resolved_lora_backend == "triton",
+    }
+    decode_graphs = DecodeGraphs(model, kv_cache, pool, **graph_args)
+    decode_graphs.capture()
+    mixed_tokens = config.mixed_graph_max_tokens(limits.max_num_batched_tokens)
+    if not mixed_tokens:
+        return decode_graphs, None
+    mixed_graphs = MixedGraphs(model, kv_cache, pool, max_tokens=mixed_tokens, **graph_args)
+    mixed_graphs.capture()
+    return decode_graphs, mixed_graphs
+
+
+def _start_preload(config: EngineConfig, adapters: AdapterRegistry) -> AdapterPreloader | None:
+    """The `--adapter-dir` preload, started in the background (None without one)."""
+    if config.adapter_dir is None:
+        return None
+    preloader = AdapterPreloader(adapters, Path(config.adapter_dir), config.adapter_preload_threads)
+    preloader.start()
+    return preloader
 
 
 def _num_lora_slots(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
@@ -228,7 +291,7 @@ def _num_lora_slots(config: EngineConfig, model_config: ModelConfig, dtype: torc
     pool's staging buffer), capped at AUTO_MAX_LORAS; CPU_MAX_LORAS on the CPU."""
     if config.max_loras > 0:
         return config.max_loras
-    if not config.device.startswith("cuda"):
+    if not config.on_cuda:
         chosen = CPU_MAX_LORAS
     else:
         free, _total = torch.cuda.mem_get_info(torch.device(config.device))
@@ -245,7 +308,7 @@ def _num_lora_slots(config: EngineConfig, model_config: ModelConfig, dtype: torc
 
 
 def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
-    if not config.device.startswith("cuda"):
+    if not config.on_cuda:
         return max(1, config.kv_cache_tokens // config.block_size)
     free, _total = torch.cuda.mem_get_info(torch.device(config.device))
     budget = int(free * config.gpu_memory_fraction)
@@ -289,9 +352,6 @@ async def serve(
     """Serves until cancelled, or until SIGTERM (in the main thread), which drains first.
     `on_ready(port)` runs once the port is bound."""
     parts = parts or await asyncio.to_thread(build_engine, config)
-    # gRPC shares a taken port by default (SO_REUSEPORT): a second engine would silently
-    # split the traffic. Binding must fail instead.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     service = GenerationService(
         parts.engine,
         parts.tokenizer,
@@ -303,67 +363,24 @@ async def serve(
         max_tenant_requests=config.max_tenant_requests,
         adapter_wait_s=config.adapter_wait_s,
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
-    engine_admin_pb2_grpc.add_EngineAdminServicer_to_server(
-        EngineAdminServicer(
-            parts.engine,
-            parts.adapters,
-            parts.keys,
-            parts.info,
-            config.admin_token,
-            require_tenant=bool(config.control_plane),
-        ),
-        server,
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    state = ServingState(parts.engine, health_servicer)
-    services = (
-        inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-        engine_admin_pb2.DESCRIPTOR.services_by_name["EngineAdmin"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(services, server)
+    server, state = _grpc_server(config, parts, service)
     port = server.add_insecure_port(f"{config.host}:{config.port}")  # raises if taken
-    stop_metrics = None
-    if config.metrics_port:
-        stop_metrics = serve_metrics(parts.metrics.registry, config.host, config.metrics_port)
-        log.info("engine metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    stop_metrics = _start_metrics(config, parts)
     parts.engine.start()
-    http = None
-    if config.http_port:
-        http = HttpApi(service, state, parts.model_config.name, parts.metrics.registry)
-        try:
-            await http.start(config.host, config.http_port)  # raises OSError if taken
-        except OSError:
-            parts.engine.stop()
-            raise
-        log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
+    try:
+        http = await _start_http(config, parts, service, state)  # raises OSError if taken
+    except OSError:
+        parts.engine.stop()
+        raise
     await server.start()
     await state.serving()
     log.info("engine serving on %s:%d", config.host, port)
-    link = None
-    if config.control_plane:
-        link = asyncio.create_task(
-            run_control_link(
-                ControlLinkConfig(
-                    control_plane=config.control_plane,
-                    advertise=config.advertise or f"{config.host}:{port}",
-                    admin_token=config.admin_token,
-                ),
-                parts.info,
-                key_table=parts.keys,  # heartbeats report when each key was last used
-            )
-        )
+    link = _start_control_link(config, parts, port)
     watch = asyncio.create_task(_watch_engine_loop(parts.engine, state, link))
     if on_ready is not None:
         on_ready(port)
-    terminate = asyncio.Event()
-    if threading.current_thread() is threading.main_thread():  # signals reach only it
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate.set)
     try:
-        await terminate.wait()  # or the task is cancelled (Ctrl-C, tests)
+        await _sigterm().wait()  # or the task is cancelled (Ctrl-C, tests)
         await _drain(service, state, config.shutdown_grace_s)
     finally:
         watch.cancel()
@@ -378,3 +395,82 @@ async def serve(
             await http.stop()
         await server.stop(grace=1)
         parts.engine.stop()
+
+
+def _grpc_server(
+    config: EngineConfig, parts: EngineParts, service: GenerationService
+) -> tuple[grpc.aio.Server, ServingState]:
+    """The gRPC server with Inference, EngineAdmin, health and reflection, not yet bound."""
+    # gRPC shares a taken port by default (SO_REUSEPORT): a second engine would silently
+    # split the traffic. Binding must fail instead.
+    server = grpc.aio.server(
+        interceptors=[admin_token_check(config.admin_token)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
+    engine_admin_pb2_grpc.add_EngineAdminServicer_to_server(
+        EngineAdminServicer(
+            parts.engine,
+            parts.adapters,
+            parts.keys,
+            parts.info,
+            require_tenant=bool(config.control_plane),
+        ),
+        server,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (
+        inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+        engine_admin_pb2.DESCRIPTOR.services_by_name["EngineAdmin"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    return server, ServingState(parts.engine, health_servicer)
+
+
+def _start_metrics(config: EngineConfig, parts: EngineParts) -> Callable[[], None] | None:
+    """Prometheus /metrics with `--metrics-port`; returns what stops it."""
+    if not config.metrics_port:
+        return None
+    stop = serve_metrics(parts.metrics.registry, config.host, config.metrics_port)
+    log.info("engine metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    return stop
+
+
+async def _start_http(
+    config: EngineConfig, parts: EngineParts, service: GenerationService, state: ServingState
+) -> HttpApi | None:
+    """The OpenAI-compatible HTTP API with `--http-port`; raises OSError if it is taken."""
+    if not config.http_port:
+        return None
+    http = HttpApi(service, state, parts.model_config.name, parts.metrics.registry)
+    await http.start(config.host, config.http_port)
+    log.info("OpenAI-compatible API on http://%s:%d/v1", config.host, config.http_port)
+    return http
+
+
+def _start_control_link(config: EngineConfig, parts: EngineParts, port: int) -> asyncio.Task | None:
+    """Under a control plane: the task that registers the engine and keeps it registered."""
+    if not config.control_plane:
+        return None
+    return asyncio.create_task(
+        run_control_link(
+            ControlLinkConfig(
+                control_plane=config.control_plane,
+                advertise=config.advertise or f"{config.host}:{port}",
+                admin_token=config.admin_token,
+            ),
+            parts.info,
+            key_table=parts.keys,  # heartbeats report when each key was last used
+        )
+    )
+
+
+def _sigterm() -> asyncio.Event:
+    """Set on SIGTERM; signals reach only the main thread, so elsewhere never set."""
+    terminate = asyncio.Event()
+    if threading.current_thread() is threading.main_thread():
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate.set)
+    return terminate

@@ -27,6 +27,8 @@ from typing import Protocol
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from engine.server.statuses import Refused
+from loraplex.bearer import bearer_token
 from loraplex.key_guard import KeyGuard, TooManyFailures, VerifierBusy, peer_host
 from loraplex.keys import KeyFormatError, parse_key
 
@@ -37,13 +39,8 @@ log = logging.getLogger(__name__)
 _MAX_NEGATIVE_VERDICTS = 10_000
 
 
-class AuthError(Exception):
+class AuthError(Refused):
     """A request's credentials are refused; `code` is the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class KeyEntry(Protocol):
@@ -210,7 +207,7 @@ class ApiKeyTable:
         if not self._enforcing:
             return None
         self._check_fresh()
-        key = _bearer_token(authorization)
+        key = _api_key(authorization)
         try:
             parsed = parse_key(key)
         except KeyFormatError as exc:
@@ -276,19 +273,20 @@ class ApiKeyTable:
             self._verdicts[digest] = (key_id, entry, verdict)
 
 
-def _bearer_token(authorization: str | None) -> str:
+def _api_key(authorization: str | None) -> str:
+    """The key of a `Bearer <api key>` value; AuthError when there is none."""
     if not authorization:
         raise AuthError(
             grpc.StatusCode.UNAUTHENTICATED,
             "missing credentials: send metadata 'authorization: Bearer <api key>'",
         )
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    key = bearer_token(authorization)
+    if not key:
         raise AuthError(
             grpc.StatusCode.UNAUTHENTICATED,
             "malformed authorization metadata: expected 'Bearer <api key>'",
         )
-    return token.strip()
+    return key
 
 
 def _refused(key_id: str) -> AuthError:

@@ -7,8 +7,10 @@ admission caps hold; the adapter name resolves to a loaded adapter of that tenan
 prompt and sampling values are validated and tokenized; the engine loop streams
 `RequestOutput`s back through `engine.server.streams` (one wake-up per engine step,
 however many streams). Whatever the caller got wrong raises `Refused` with a gRPC
-status code and a sentence; each front end translates it (gRPC aborts with it, HTTP
-maps it through one table). A caller that goes away aborts its request within a step.
+status code and a sentence, built from the one table of `engine.server.statuses` where
+an error of the adapter layer is the cause; each front end translates it (gRPC aborts
+with it, HTTP maps its code to an HTTP status). A caller that goes away aborts its
+request within a step.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import NoReturn
 import grpc
 
 from engine.engine import Engine
+from engine.formats.errors import AdapterFormatError
 from engine.lora.errors import (
     AdapterEvictingError,
-    AdapterFormatError,
     AdapterLoadingError,
     AdapterNotFoundError,
 )
@@ -34,6 +36,7 @@ from engine.lora.registry import AdapterRecord, AdapterRegistry
 from engine.metrics import EngineMetrics, RequestTimer
 from engine.request import RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
+from engine.server.statuses import Refused, status_of
 from engine.server.streams import OutputMailbox, OutputStream, merge
 from engine.server.validation import InvalidRequest, RequestLimits, to_engine_request
 from engine.tokenizer import Tokenizer
@@ -42,16 +45,6 @@ from loraplex.v1 import inference_pb2
 log = logging.getLogger(__name__)
 
 _LOADING_POLL_S = 0.02  # how often a request waiting for a preloading adapter looks again
-
-
-class Refused(Exception):
-    """A call refused before it reached the engine loop; `message` tells the caller
-    what to do. `code` is the gRPC status; the HTTP API maps it to an HTTP status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Generation:
@@ -189,7 +182,7 @@ class GenerationService:
         try:  # a key's first use runs scrypt on the key table's own bounded pool
             return await self._keys.authenticate_async(authorization, peer)
         except AuthError as exc:
-            self._refuse(exc.code, str(exc))
+            self._refuse_for(exc)
 
     def usable_adapters(self, tenant: str | None) -> list[AdapterRecord]:
         """The loaded adapters a caller of `tenant` may name (None: keys not enforced,
@@ -219,7 +212,7 @@ class GenerationService:
                 tenant or "",
             )
         except InvalidRequest as exc:
-            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._refuse_for(exc)
         if adapter_id is not None:
             await self._acquire_adapter(adapter_id)
         # No await from here to submit: a cancel cannot strand the acquired adapter.
@@ -240,19 +233,19 @@ class GenerationService:
         """Counts the request on its adapter (the engine loop releases it at the end) and
         brings the weights into host memory here, where they stay while the request is
         in flight, so the loop never reads a disk."""
-        try:
+        try:  # the caller's own adapter (resolved): what happened to it may be told
             record = self._adapters.acquire(adapter_id)
-        except (AdapterNotFoundError, AdapterEvictingError) as exc:
-            self._refuse(grpc.StatusCode.NOT_FOUND, str(exc))
-        except AdapterLoadingError as exc:  # evicted and announced again meanwhile
-            self._refuse(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry shortly")
+        except (AdapterNotFoundError, AdapterEvictingError, AdapterLoadingError) as exc:
+            self._refuse_for(exc)
         if record.in_cpu_cache:
             return  # and it stays there now that this request holds it
         try:
             await asyncio.to_thread(self._adapters.weights, adapter_id)
         except (AdapterFormatError, OSError):
             self._adapters.release(adapter_id)
-            # The reason names server paths: it goes to the log, not to the caller.
+            # Not the caller's input but this engine's copy of an adapter it accepted:
+            # another engine may serve it. The reason names server paths: it goes to
+            # the log, not to the caller.
             log.exception("adapter %s could not be read", adapter_id)
             self._refuse(
                 grpc.StatusCode.UNAVAILABLE,
@@ -266,7 +259,8 @@ class GenerationService:
     async def _resolve_adapter(self, name: str, tenant: str | None) -> str | None:
         """The id of the adapter `name` names for this caller. With an API key, another
         tenant's adapter, a missing one and an evicted one get the same sentence: a
-        tenant must not learn what other tenants have or had."""
+        tenant must not learn what other tenants have or had. Its own adapter being
+        evicted is UNAVAILABLE, as without a key: retry on another engine."""
         if not name:
             return None
         unknown = (
@@ -278,10 +272,13 @@ class GenerationService:
             # caller waiting for one would learn that it exists, and could never use it.
             record = await self._resolve_when_loaded(name, wait=tenant is None)
         except AdapterNotFoundError as exc:
-            self._refuse(grpc.StatusCode.NOT_FOUND, unknown if tenant else f"{exc}; check the name")
-        except AdapterEvictingError:
-            evicting = f"adapter {name!r} is being evicted from this engine (no new requests)"
-            self._refuse(grpc.StatusCode.NOT_FOUND, unknown if tenant else evicting)
+            if tenant is not None:
+                self._refuse(grpc.StatusCode.NOT_FOUND, unknown)
+            self._refuse_for(exc)
+        except AdapterEvictingError as exc:
+            if tenant is not None and self._tenant_of(name) != tenant:
+                self._refuse(grpc.StatusCode.NOT_FOUND, unknown)
+            self._refuse_for(exc)
         # With keys, an adapter without a tenant (loaded from --adapter-dir) is nobody's.
         if tenant is not None and record.tenant != tenant:
             self._refuse(grpc.StatusCode.NOT_FOUND, unknown)
@@ -300,10 +297,25 @@ class GenerationService:
                 if not wait:
                     raise AdapterNotFoundError(str(exc)) from exc
                 if loop.time() >= deadline:
-                    self._refuse(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry in a few seconds")
+                    self._refuse_for(exc)
             await asyncio.sleep(_LOADING_POLL_S)
+
+    def _tenant_of(self, name: str) -> str | None:
+        """The tenant of the loaded adapter with id or alias `name`, evicting ones too."""
+        for record in self._adapters.list():
+            if name == record.adapter_id or name in record.aliases:
+                return record.tenant
+        return None
 
     def _refuse(self, code: grpc.StatusCode, message: str) -> NoReturn:
         """Counts the refusal, then raises it."""
         self._metrics.request_refused(code)
         raise Refused(code, message)
+
+    def _refuse_for(self, exc: Exception) -> NoReturn:
+        """Refuses with the status the table gives `exc` (a class not in it is a bug and
+        propagates)."""
+        status = status_of(exc)
+        if status is None:
+            raise exc
+        self._refuse(*status)

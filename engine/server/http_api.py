@@ -10,7 +10,7 @@ serving port, as inference gateways do by default).
 A thin translation: the body becomes a `GenerateRequest` (`openai_schema`) and goes
 through `GenerationService.open`, the path gRPC calls take, so keys, tenant rules,
 admission caps, adapter resolution and validation are the same code; refusals leave
-through the one gRPC-to-HTTP table (`openai_errors`).
+with the gRPC status of the engine's one table, mapped to HTTP (`openai_errors`).
 
 Why aiohttp: it runs on the engine's existing asyncio loop beside grpc.aio (the
 service and its output mailbox are bound to that one loop), with no second server
@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engine.request import FinishReason, RequestOutput
-from engine.server.generation import Generation, GenerationService, Refused
+from engine.server.generation import Generation, GenerationService
 from engine.server.openai_errors import error_body, openai_errors
 from engine.server.openai_schema import (
     ParsedCall,
@@ -45,6 +45,7 @@ from engine.server.openai_schema import (
     usage_chunk_body,
 )
 from engine.server.probes import ServingState
+from engine.server.statuses import Refused
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a long chat history in JSON; the context window bounds it
 _SSE_HEADERS = {

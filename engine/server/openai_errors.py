@@ -1,7 +1,8 @@
 """Errors of the HTTP API in OpenAI's shape, `{"error": {"message", "type", "param",
-"code"}}`, with the HTTP status mapped from the gRPC status code in one table: a
-refusal reads the same on both APIs, only the envelope differs. `code` is the gRPC
-status name in lower case (`not_found`, `resource_exhausted`, ...)."""
+"code"}}`. A refusal gets its gRPC status and sentence from the engine's one table
+(`engine.server.statuses`), then its HTTP status from the gRPC code here: it reads the
+same on both APIs, only the envelope differs. `code` is the gRPC status name in lower
+case (`not_found`, `resource_exhausted`, ...)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
-from engine.server.generation import Refused
+from engine.server.statuses import status_of
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves in OpenAI's shape: refusals through the table, aiohttp's own
+    """Every error leaves in OpenAI's shape: refusals through the tables, aiohttp's own
     HTTP errors with their status, and a bug as a 500 whose details go to the log."""
     try:
         return await handler(request)
-    except Refused as exc:
-        return error_response(exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -69,7 +68,10 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return web.json_response(_body(message, kind, None), status=exc.status)
     except ConnectionResetError:  # the client left: nobody to answer
         raise
-    except Exception:
+    except Exception as exc:
+        refusal = status_of(exc)
+        if refusal is not None:
+            return error_response(*refusal)
         log.exception("the HTTP API failed on %s %s", request.method, request.path)
         status, kind = _SERVER_ERROR
         return web.json_response(

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from engine.request import FinishReason, RequestOutput
-from engine.server.generation import Refused
+from engine.server.statuses import Refused
 from loraplex.v1 import inference_pb2
 
 _MAX_UINT32 = 2**32 - 1

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane import migrate
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import make_db_engine, make_session_factory
-from control_plane.reconciler.loop import ReconcilerConfig
+from control_plane.reconciler.config import ReconcilerConfig
 from loraplex.v1 import control_plane_pb2 as pb
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama
 from tests.control_plane.cp_harness import (

@@ -100,7 +100,8 @@ def test_register_adapter_refusals(
         name = next(k for k in sorted(tensors) if "lora_B" in k)
         del tensors[name]
         save_file(tensors, broken / "adapter_model.safetensors")
-        request.uri, words = str(broken), ("lora_B",)
+        # Malformed whatever the base model: the caller fixes the folder.
+        request.uri, expect, words = str(broken), grpc.StatusCode.INVALID_ARGUMENT, ("lora_B",)
     elif case == "checksum":
         request.sha256, words = "0" * 64, ("sha256",)
     elif case == "missing_folder":
@@ -114,7 +115,7 @@ def test_register_adapter_refusals(
     elif case == "outside_roots":
         outside = tmp_path / "adapter"
         shutil.copytree(good_adapter, outside)
-        request.uri, expect, words = str(outside), grpc.StatusCode.INVALID_ARGUMENT, ("roots",)
+        request.uri, expect, words = str(outside), grpc.StatusCode.PERMISSION_DENIED, ("roots",)
     elif case == "other_scheme":
         request.uri, expect, words = "s3://bucket/a", grpc.StatusCode.INVALID_ARGUMENT, ("s3",)
     elif case == "relative":

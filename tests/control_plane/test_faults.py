@@ -170,7 +170,7 @@ def test_a_deleted_or_corrupted_file_fails_with_its_reason_and_retries_back_off(
             time.sleep(0.02)
         version = failed(cp, "deleted")
         assert version is not None, "the version with a deleted file was not marked failed"
-        assert "INVALID_ARGUMENT" in version.failure_reason
+        assert "NOT_FOUND" in version.failure_reason  # the engine's code for a missing file
         assert "adapter_model.safetensors" in version.failure_reason
         # Exponential from 0.25 s, capped at 0.5 s; the fourth refusal in a row is final.
         expected = {1: 0.25, 2: 0.5, 3: 0.5}
@@ -185,10 +185,10 @@ def test_a_deleted_or_corrupted_file_fails_with_its_reason_and_retries_back_off(
         assert "changed since it was registered" in version.failure_reason
         # While it backed off, its placement said why each load failed.
         [reason] = reasons
-        assert reason.startswith("INVALID_ARGUMENT") and "adapter_model.safetensors" in reason
+        assert reason.startswith("NOT_FOUND") and "adapter_model.safetensors" in reason
         wait_for(lambda: generates(engine, "acme/steady", key), 10, "acme/steady to serve")
         time.sleep(1.0)  # a few more passes: the engine is not asked again
-        assert refusals(cp, "INVALID_ARGUMENT") == 4
+        assert refusals(cp, "NOT_FOUND") == 4
         assert set(held(engine)) == {"acme/steady@1"}
 
 

@@ -11,7 +11,7 @@ from control_plane import migrate
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import make_db_engine, sqlite_url
 from control_plane.models import Base
-from control_plane.reconciler.loop import ReconcilerConfig
+from control_plane.reconciler.config import ReconcilerConfig
 from control_plane.server import NotMigratedError, start_control_plane
 from loraplex.v1 import control_plane_pb2 as pb
 from tests.control_plane.conftest import create_database, drop_database

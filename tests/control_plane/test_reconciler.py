@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.models import Engine, Placement
-from control_plane.reconciler.loop import ReconcilerConfig
+from control_plane.reconciler.config import ReconcilerConfig
 from engine.config import EngineConfig
 from engine.server.auth import AuthError
 from loraplex.v1 import control_plane_pb2 as pb

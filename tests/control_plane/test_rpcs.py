@@ -14,8 +14,8 @@ from control_plane.db import make_db_engine, make_session_factory
 from control_plane.errors import ErrorCode, ServiceError
 from control_plane.services.common import ServiceContext
 from control_plane.services.tenants import TenantService
+from engine.formats.checkpoint import model_fingerprint
 from engine.model.config import load_model_config
-from engine.model.loader import model_fingerprint
 from loraplex.keys import hash_secret
 from loraplex.v1 import control_plane_pb2 as pb
 from loraplex.v1 import engine_admin_pb2 as admin_pb

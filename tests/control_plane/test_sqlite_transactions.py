@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.db import make_db_engine, make_session_factory, sqlite_url
-from control_plane.reconciler.loop import ReconcilerConfig
+from control_plane.reconciler.config import ReconcilerConfig
 from loraplex.v1 import control_plane_pb2 as pb
 from tests.control_plane.cp_harness import ADMIN_TOKEN, running_control_plane
 from tests.control_plane.rpc_helpers import BASE, register

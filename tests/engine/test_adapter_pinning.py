@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.lora.errors import AdapterConflictError, AdapterFormatError
+from engine.formats.errors import AdapterFormatError
+from engine.lora.errors import AdapterConflictError
 from engine.lora.peft_format import load_adapter
 from engine.lora.registry import AdapterRegistry
 from engine.model.config import ModelConfig, load_model_config

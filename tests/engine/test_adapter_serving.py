@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import EngineConfig
+from engine.formats.checkpoint import model_fingerprint
 from engine.model.config import load_model_config
-from engine.model.loader import model_fingerprint
 from engine.server.app import build_engine
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import inference_pb2
@@ -286,6 +286,7 @@ def test_every_rejection_is_clear_and_the_engine_keeps_serving(
         assert caught.value.code() in (
             grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.NOT_FOUND,  # a file the folder lacks
         ), name
         assert phrase.lower() in caught.value.details().lower(), (name, caught.value.details())
     outside = tmp_path / "outside"
@@ -297,6 +298,7 @@ def test_every_rejection_is_clear_and_the_engine_keeps_serving(
     rest = collect(stream)
     assert len(first.token_ids) + len(rest.token_ids) == 40
     assert codes["wrong base shapes"] == grpc.StatusCode.FAILED_PRECONDITION
+    assert codes["missing file"] == grpc.StatusCode.NOT_FOUND
     load(running, "odd", adapter_root / "acme-odd")
     assert running.generate(request(PROMPTS[2], "odd")).token_ids == expected[("acme-odd", 2)]
     listed = {
@@ -317,7 +319,7 @@ def test_evict_while_streaming_finishes_the_stream_and_refuses_new_requests(
     assert evicted.outcome == admin_pb.EVICT_OUTCOME_EVICTED
     with pytest.raises(grpc.RpcError) as caught:
         running.generate(request(PROMPTS[0], "gamma"))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # retry on another engine
     listing = running.admin.ListAdapters(admin_pb.ListAdaptersRequest()).adapters
     gamma = next(a for a in listing if a.adapter_id == "gamma")
     assert gamma.evicting and gamma.requests_in_flight == 1

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from engine.config import EngineConfig
-from engine.server.admin import _is_loopback
 from engine.server.auth import ApiKeyTable, AuthError
+from loraplex.admin_token import is_loopback
 from loraplex.key_guard import GuardLimits, KeyGuard
 from loraplex.keys import hash_secret, new_key
 from loraplex.v1 import engine_admin_pb2 as admin_pb
@@ -221,7 +221,7 @@ def test_engine_admin_without_a_token_answers_loopback_callers_only(tiny_llama31
     ],
 )
 def test_which_peers_are_loopback(peer: str, local: bool) -> None:
-    assert _is_loopback(peer) is local
+    assert is_loopback(peer) is local
 
 
 def test_load_adapter_by_path_needs_adapter_roots(tiny_llama31_path, tmp_path) -> None:

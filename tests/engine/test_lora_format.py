@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.lora.adapter_header import validate_adapter_header
+from engine.formats.adapter_header import validate_adapter_header
 from engine.lora.peft_format import LoraWeights, load_adapter
 from engine.model.config import PROJECTIONS, ModelConfig, load_model_config
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama
@@ -179,7 +179,7 @@ def test_header_validation_is_torch_free() -> None:
     import sys
 
     code = (
-        "import sys; import engine.lora.adapter_header, engine.lora.errors; "
+        "import sys; import engine.formats.adapter_header, engine.lora.errors; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     root = Path(__file__).resolve().parents[2]

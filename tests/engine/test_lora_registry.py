@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.formats.errors import AdapterFormatError, AdapterOutsideRoots
 from engine.lora.errors import (
     AdapterConflictError,
     AdapterEvictingError,
-    AdapterFormatError,
     AdapterLoadingError,
     AdapterNotFoundError,
-    AdapterPathError,
 )
 from engine.lora.registry import AdapterRegistry
 from engine.model.config import ModelConfig, load_model_config
@@ -187,12 +186,12 @@ def test_paths_must_stay_inside_the_roots(
     reg = registry(config, roots)
     outside = tmp_path / "outside"
     shutil.copytree(made["a"], outside)
-    with pytest.raises(AdapterPathError, match="outside the engine's adapter roots"):
+    with pytest.raises(AdapterOutsideRoots, match="outside the adapter roots"):
         reg.load("x", roots / ".." / "outside")
     os.symlink(outside, roots / "sneaky")
-    with pytest.raises(AdapterPathError):
+    with pytest.raises(AdapterOutsideRoots):
         reg.load("x", roots / "sneaky")
-    assert isinstance(AdapterPathError("x"), PermissionError)
+    assert isinstance(AdapterOutsideRoots("outside_roots", "x"), PermissionError)
     os.symlink(roots / "b", roots / "b-link")
     assert reg.load("b", roots / "b-link")[1].path == (roots / "b").resolve()
     with pytest.raises(AdapterFormatError, match="not a directory"):
@@ -214,7 +213,7 @@ def test_files_linked_outside_the_roots_are_refused(
     (evil / name).unlink()
     os.symlink(outside / name, evil / name)
     reg = registry(config, roots)
-    with pytest.raises(AdapterPathError, match=f"resolves to .*{name}, outside"):
+    with pytest.raises(AdapterOutsideRoots, match=f"resolves to .*{name}, outside"):
         reg.load("evil", evil)
     assert "evil" not in reg
     # A link that stays inside the roots is fine.

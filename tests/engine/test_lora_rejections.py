@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.lora.adapter_header import validate_adapter_header
-from engine.lora.errors import AdapterFormatError
+from engine.formats.adapter_header import validate_adapter_header
+from engine.formats.errors import AdapterFormatError
 from engine.lora.peft_format import load_adapter
 from engine.model.config import ModelConfig, load_model_config
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama
@@ -382,7 +382,7 @@ def test_other_base_model_is_refused(
 def test_a_catastrophic_regex_is_matched_in_linear_time_or_not_at_all() -> None:
     """`(a+)+$`-style targets are valid RE2, so they are matched, not refused; RE2 answers
     at once where Python's re would backtrack for hours on such a name."""
-    from engine.lora.adapter_config import parse_adapter_config
+    from engine.formats.adapter_config import parse_adapter_config
 
     config = parse_adapter_config({"r": 4, "target_modules": r"(.*\.)*(q+)+_proj"})
     assert config.targets("model.layers.0.self_attn.q_proj")
@@ -390,7 +390,7 @@ def test_a_catastrophic_regex_is_matched_in_linear_time_or_not_at_all() -> None:
 
 
 def test_regex_targets_and_patterns_match_as_peft_does() -> None:
-    from engine.lora.adapter_config import parse_adapter_config
+    from engine.formats.adapter_config import parse_adapter_config
 
     config = parse_adapter_config(
         {

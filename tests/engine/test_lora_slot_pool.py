@@ -105,7 +105,7 @@ def test_mixed_batch_deltas(setup, dtype: torch.dtype) -> None:
     token_slots = [3, 3, -1, 1, 1, 1, -1, 3]
     owners = {3: weights_a, 1: weights_b}
     applier = MultiLoraApplier(pool, token_slots, backend="torch")
-    assert applier.active
+    assert applier.meta.num_active
     generator = torch.Generator().manual_seed(0)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for layer in range(config.num_layers):
@@ -158,7 +158,7 @@ def test_no_adapter_batch_is_a_no_op(setup) -> None:
     pool = LoraSlotPool(config, max_loras=2, max_rank=MAX_RANK, dtype=torch.float32, device="cpu")
     pool.load_into_slot(0, weights_a)
     applier = MultiLoraApplier(pool, [-1, -1], backend="torch")
-    assert not applier.active
+    assert not applier.meta.num_active
     out = torch.randn(2, 128)
     before = out.clone()
     applier.apply(0, "qkv", torch.randn(2, 64), out)

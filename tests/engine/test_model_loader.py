@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.formats.checkpoint import checkpoint_files, model_fingerprint
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
 from engine.model.config import ModelFormatError, load_model_config
-from engine.model.loader import checkpoint_files, load_model, model_fingerprint
+from engine.model.loader import load_model
 
 
 def _copy_with_weights(src: Path, dst: Path, weights: dict[str, torch.Tensor] | None) -> Path:

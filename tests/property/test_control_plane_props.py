@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from control_plane import migrate
 from control_plane.config import ControlPlaneConfig
-from control_plane.reconciler.loop import ReconcilerConfig
+from control_plane.reconciler.config import ReconcilerConfig
 from loraplex.v1 import control_plane_pb2 as pb
 from loraplex.v1 import control_plane_pb2_grpc as pb_grpc
 from loraplex.v1 import engine_admin_pb2 as admin_pb

@@ -6,7 +6,7 @@ and `alpha_pattern`, `layers_pattern`). Python's `re` backtracks: a pattern such
 `(a+)+$` runs for hours on a short name and, on a serving thread, stalls every tenant.
 These patterns go through RE2 (google-re2) instead, which matches in time linear in the
 name. What RE2 cannot express (backreferences, lookaround) and patterns longer than
-`MAX_PATTERN_CHARS` are refused with AdapterFormatError("bad_pattern"): PEFT's own
+`MAX_PATTERN_CHARS` are refused with AdapterUnsafePattern ("bad_pattern"): PEFT's own
 configs use neither. Torch-free, like the rest of the config parsing.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import re2
 
-from engine.lora.errors import AdapterFormatError
+from engine.formats.errors import AdapterUnsafePattern
 
 MAX_PATTERN_CHARS = 1024  # PEFT's generated patterns are a few hundred characters
 MAX_PATTERN_KEYS = 512  # rank_pattern / alpha_pattern entries (one per module at most)
@@ -32,9 +32,9 @@ def _compiled(pattern: str) -> Any:
 
 
 def compile_pattern(pattern: str, field: str) -> Any:
-    """`pattern` compiled by RE2; AdapterFormatError naming `field` if it cannot be."""
+    """`pattern` compiled by RE2; AdapterUnsafePattern naming `field` if it cannot be."""
     if len(pattern) > MAX_PATTERN_CHARS:
-        raise AdapterFormatError(
+        raise AdapterUnsafePattern(
             "bad_pattern",
             f"adapter_config.json: {field} is a {len(pattern)}-character pattern; at most "
             f"{MAX_PATTERN_CHARS} are accepted: list the module names instead",
@@ -42,7 +42,7 @@ def compile_pattern(pattern: str, field: str) -> Any:
     try:
         return _compiled(pattern)
     except re2.error as exc:
-        raise AdapterFormatError(
+        raise AdapterUnsafePattern(
             "bad_pattern",
             f"adapter_config.json: {field} {pattern!r} is not a pattern this server can "
             f"match safely ({exc}); backreferences and lookaround are not supported: list "

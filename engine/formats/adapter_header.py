@@ -2,10 +2,10 @@
 
 Everything that can be known without reading tensor data is checked here: the config
 options, which modules the tensors target, ranks, and every A/B shape against the base
-weight. The full loader (`peft_format.load_adapter`) runs this same code on the same
-header before it reads any tensor, so the two can never disagree; it adds only the
-checks that need the data (finite values, checksum). Torch-free on purpose: the control
-plane calls `validate_adapter_header` at registration time.
+weight. The full loader (`engine.lora.peft_format.load_adapter`) runs this same code on
+the same header before it reads any tensor, so the two can never disagree; it adds only
+the checks that need the data (finite values, checksum). Torch-free on purpose: the
+control plane calls `validate_adapter_header` at registration time.
 """
 
 from __future__ import annotations
@@ -14,12 +14,30 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.lora.adapter_config import LoraAdapterConfig, read_adapter_config
-from engine.lora.errors import AdapterFormatError
-from engine.lora.safetensors_header import TensorInfo, read_header_from_file, sha256_file
+from engine.formats.adapter_config import LoraAdapterConfig, PinnedConfig, read_pinned_config
+from engine.formats.adapter_folder import unreadable_weights, weights_file
+from engine.formats.errors import (
+    AdapterChanged,
+    AdapterFormatError,
+    AdapterIncompatible,
+    AdapterMalformed,
+)
+from engine.formats.safetensors_header import (
+    LORA_LIMITS,
+    SafetensorsHeaderError,
+    TensorInfo,
+    read_header_from_bytes,
+    read_header_from_file,
+    sha256_file,
+)
 from engine.model.config import PROJECTIONS, ModelConfig
 
-WEIGHTS_NAME = "adapter_model.safetensors"
+# What to do about a weights file that is not valid safetensors, by the header's reason.
+_HEADER_ADVICE = {
+    "corrupt_weights": "; re-save the adapter with save_pretrained(..., safe_serialization=True)",
+    "truncated_weights": "",
+    "unsupported_dtype": "; LoRA weights must be F32, F16 or BF16",
+}
 _PARENT = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
@@ -61,24 +79,7 @@ class AdapterSummary:
     size_bytes: int  # of adapter_model.safetensors
     sha256: str  # hex digest of adapter_model.safetensors; "" when not computed
     base_model_name_or_path: str
-
-
-def weights_file(folder: Path) -> Path:
-    """The folder's adapter_model.safetensors; AdapterFormatError if absent."""
-    folder = Path(folder)
-    path = folder / WEIGHTS_NAME
-    if path.is_file():
-        return path
-    if (folder / "adapter_model.bin").is_file():
-        raise AdapterFormatError(
-            "bin_weights",
-            f"{folder} holds adapter_model.bin (pickle) instead of adapter_model.safetensors; "
-            "re-save the adapter with save_pretrained(..., safe_serialization=True)",
-        )
-    raise AdapterFormatError(
-        "missing_weights",
-        f"{folder} has no {WEIGHTS_NAME}; save the adapter with PEFT's save_pretrained()",
-    )
+    config_sha256: str  # hex digest of the adapter_config.json bytes parsed
 
 
 def validate_adapter_header(
@@ -91,23 +92,41 @@ def validate_adapter_header(
 ) -> AdapterSummary:
     """Check `folder` against the base model without reading tensor data.
 
-    Raises AdapterFormatError (with `.reason`) on the first problem. The checksum is
-    computed (which reads the whole file) only when `expected_sha256` is given, then
-    compared, or when `compute_sha256` is set.
+    Raises AdapterFormatError (a subclass, with `.reason`) on the first problem. The
+    checksum is computed (which reads the whole file) only when `expected_sha256` is
+    given, then compared, or when `compute_sha256` is set.
     """
-    config = read_adapter_config(folder)
+    pinned = read_pinned_config(folder)
     path = weights_file(folder)
-    tensors, size_bytes = read_header_from_file(path)
+    try:
+        tensors, size_bytes = read_header_from_file(path, LORA_LIMITS)
+    except OSError as exc:
+        raise unreadable_weights(path, exc) from exc
+    except SafetensorsHeaderError as exc:
+        raise weights_header_error(exc) from exc
     sha256 = ""
     if expected_sha256 or compute_sha256:
         sha256 = sha256_file(path)
         check_sha256(path, sha256, expected_sha256)
-    return summarize(config, tensors, model_config, max_rank, size_bytes, sha256)
+    return summarize(pinned, tensors, model_config, max_rank, size_bytes, sha256)
+
+
+def header_from_bytes(path: Path, data: bytes) -> dict[str, TensorInfo]:
+    """The tensor header of a weights file already read into `data`; AdapterMalformed
+    when it is not a valid LoRA safetensors file."""
+    try:
+        return read_header_from_bytes(path, data, LORA_LIMITS)
+    except SafetensorsHeaderError as exc:
+        raise weights_header_error(exc) from exc
+
+
+def weights_header_error(exc: SafetensorsHeaderError) -> AdapterMalformed:
+    return AdapterMalformed(exc.reason, f"{exc}{_HEADER_ADVICE[exc.reason]}")
 
 
 def check_sha256(path: Path, actual: str, expected: str) -> None:
     if expected and actual.lower() != expected.lower():
-        raise AdapterFormatError(
+        raise AdapterChanged(
             "sha256_mismatch",
             f"{path} has sha256 {actual} but {expected} was expected; the file changed "
             "since it was registered: register the new file as a new version",
@@ -115,7 +134,7 @@ def check_sha256(path: Path, actual: str, expected: str) -> None:
 
 
 def summarize(
-    config: LoraAdapterConfig,
+    pinned: PinnedConfig,
     tensors: dict[str, TensorInfo],
     model_config: ModelConfig,
     max_rank: int,
@@ -123,6 +142,7 @@ def summarize(
     sha256: str,
 ) -> AdapterSummary:
     """Match tensors to modules and check every shape and rank; the shared core."""
+    config = pinned.config
     pairs: dict[tuple[int, str], dict[str, TensorInfo]] = {}
     module_names: dict[tuple[int, str], str] = {}
     for name in sorted(tensors):
@@ -135,19 +155,19 @@ def summarize(
             raise _unsupported_tensor(name)
         layer, proj = int(match["layer"]), match["proj"]
         if layer >= model_config.num_layers:
-            raise AdapterFormatError(
+            raise AdapterIncompatible(
                 "layer_out_of_range",
                 f"tensor {name} targets layer {layer} but the base model has "
                 f"{model_config.num_layers} layers (0..{model_config.num_layers - 1}); "
                 "the adapter was trained for a different base model",
             )
         if module_names.setdefault((layer, proj), match["module"]) != match["module"]:
-            raise AdapterFormatError(
+            raise AdapterMalformed(
                 "corrupt_weights", f"tensor {name} duplicates another module's tensor"
             )
         pairs.setdefault((layer, proj), {})[match["ab"]] = tensors[name]
     if not pairs:
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "no_modules", "adapter_model.safetensors holds no lora_A/lora_B tensors"
         )
 
@@ -159,7 +179,7 @@ def summarize(
     rank = max(m.rank for m in modules)
     if rank > max_rank:
         worst = next(m for m in modules if m.rank == rank)
-        raise AdapterFormatError(
+        raise AdapterIncompatible(
             "rank_too_large",
             f"adapter rank {rank} (tensor {worst.a_name}) exceeds this engine's max LoRA rank "
             f"{max_rank}; retrain with r <= {max_rank} or raise the engine's max_lora_rank",
@@ -174,6 +194,7 @@ def summarize(
         size_bytes=size_bytes,
         sha256=sha256,
         base_model_name_or_path=config.base_model_name_or_path,
+        config_sha256=pinned.sha256,
     )
 
 
@@ -186,18 +207,18 @@ def _check_module(
 ) -> LoraModuleSpec:
     layer, proj = key
     if "B" not in pair:
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "missing_lora_b",
             f"tensor {pair['A'].name} has no matching lora_B tensor; the file is incomplete",
         )
     if "A" not in pair:
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "missing_lora_a",
             f"tensor {pair['B'].name} has no matching lora_A tensor; the file is incomplete",
         )
     a, b = pair["A"], pair["B"]
     if not config.targets(module):
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "config_mismatch",
             f"tensor {a.name} is for module {module}, which adapter_config.json does not "
             "target (target_modules / layers_to_transform / exclude_modules); the config "
@@ -211,10 +232,10 @@ def _check_module(
     if b.shape != (out_features, rank):
         raise _shape_error(b, [out_features, rank], base)
     if rank <= 0:
-        raise AdapterFormatError("shape_mismatch", f"tensor {a.name} has rank 0")
+        raise AdapterIncompatible("shape_mismatch", f"tensor {a.name} has rank 0")
     expected_rank = config.rank_for(module)
     if rank != expected_rank:
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "rank_mismatch",
             f"tensor {a.name} has rank {rank} but adapter_config.json gives module {module} "
             f"rank {expected_rank} (r / rank_pattern); fix adapter_config.json to match "
@@ -230,10 +251,10 @@ def _check_module(
     )
 
 
-def _shape_error(tensor: TensorInfo, expected: list[object], base: str) -> AdapterFormatError:
+def _shape_error(tensor: TensorInfo, expected: list[object], base: str) -> AdapterIncompatible:
     got = ", ".join(str(d) for d in tensor.shape)
     want = ", ".join(str(d) for d in expected)
-    return AdapterFormatError(
+    return AdapterIncompatible(
         "shape_mismatch",
         f"tensor {tensor.name} has shape [{got}], expected [{want}]: {base}; the adapter was "
         "trained for a different base model (hidden size, head counts or intermediate size differ)",
@@ -242,21 +263,21 @@ def _shape_error(tensor: TensorInfo, expected: list[object], base: str) -> Adapt
 
 def _unsupported_tensor(name: str) -> AdapterFormatError:
     if "lora_magnitude_vector" in name:
-        return AdapterFormatError(
+        return AdapterIncompatible(
             "dora", f"tensor {name} is a DoRA magnitude vector; DoRA adapters are not supported"
         )
     if ".lora_B.bias" in name or ".lora_A.bias" in name:
-        return AdapterFormatError(
+        return AdapterIncompatible(
             "unsupported_option",
             f"tensor {name} is a LoRA bias (lora_bias=true), which is not supported",
         )
     if "lora_" in name:
-        return AdapterFormatError(
+        return AdapterMalformed(
             "unsupported_module",
             f"tensor {name} targets a module other than {', '.join(PROJECTIONS)} (for example "
             "embed_tokens or lm_head); retrain with target_modules limited to those projections",
         )
-    return AdapterFormatError(
+    return AdapterMalformed(
         "unsupported_tensor",
         f"tensor {name} is not a LoRA weight (modules_to_save or trained base weights?); "
         "only lora_A/lora_B weights of the projections can be served",

@@ -19,11 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.lora import patterns
-from engine.lora.errors import AdapterFormatError
+from engine.formats import patterns
+from engine.formats.adapter_folder import CONFIG_FILE, config_file
+from engine.formats.errors import (
+    AdapterChanged,
+    AdapterIncompatible,
+    AdapterMalformed,
+    AdapterUnsafePattern,
+)
 from engine.model.config import PROJECTIONS
 
-CONFIG_NAME = "adapter_config.json"
 # PEFT writes about 1 KB; anything near this is not an adapter config.
 MAX_CONFIG_BYTES = 1 << 20
 # PEFT's default targets for the Llama family when `target_modules` is null.
@@ -105,58 +110,52 @@ def read_adapter_config(folder: Path) -> LoraAdapterConfig:
 def read_pinned_config(folder: Path, expected_sha256: str = "") -> PinnedConfig:
     """Read `folder/adapter_config.json` once, hash those bytes, compare the hash with
     `expected_sha256` (when given) and parse the same bytes, so the config served is
-    the one hashed. AdapterFormatError: reason "config_sha256_mismatch" when the file
-    changed since it was pinned (checked before anything else), else as
-    `parse_adapter_config`."""
-    path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterFormatError(
-            "missing_config",
-            f"{folder} has no {CONFIG_NAME}; save the adapter with PEFT's save_pretrained() "
-            "so the folder holds adapter_config.json and adapter_model.safetensors",
-        )
+    the one hashed. AdapterChanged ("config_sha256_mismatch") when the file changed
+    since it was pinned (checked before anything else), AdapterFilesMissing when it is
+    absent, else as `parse_adapter_config`."""
+    path = config_file(folder)
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise AdapterFormatError("bad_config", f"cannot read {path}: {exc}") from exc
+        raise AdapterMalformed("bad_config", f"cannot read {path}: {exc}") from exc
     sha256 = hashlib.sha256(data).hexdigest()
     if expected_sha256 and sha256 != expected_sha256.lower():
-        raise AdapterFormatError(
+        raise AdapterChanged(
             "config_sha256_mismatch",
-            f"{CONFIG_NAME} changed since registration (in {folder}: sha256 {sha256}, "
+            f"{CONFIG_FILE} changed since registration (in {folder}: sha256 {sha256}, "
             f"registered {expected_sha256.lower()}); a version is immutable: register the "
             "changed adapter as a new version",
         )
     if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config", f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not a PEFT config"
         )
     try:
         raw = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, 5000-digit numbers
-        raise AdapterFormatError("bad_config", f"{path} is not valid JSON: {exc}") from exc
+        raise AdapterMalformed("bad_config", f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
-        raise AdapterFormatError("bad_config", f"{path} must hold a JSON object")
+        raise AdapterMalformed("bad_config", f"{path} must hold a JSON object")
     return PinnedConfig(parse_adapter_config(raw), sha256)
 
 
 def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "not_lora",
             f"adapter_config.json has peft_type {peft_type!r}; only LoRA adapters "
             "(peft_type 'LORA') can be served",
         )
     if raw.get("use_dora"):
-        raise AdapterFormatError(
+        raise AdapterIncompatible(
             "dora",
             "DoRA adapters (use_dora=true) are not supported; train a plain LoRA adapter "
             "or merge the DoRA weights into the base model",
         )
     if raw.get("modules_to_save"):
-        raise AdapterFormatError(
+        raise AdapterIncompatible(
             "modules_to_save",
             f"modules_to_save={raw['modules_to_save']!r} is not supported: the adapter "
             "replaces whole base-model modules, which a shared base model cannot do; "
@@ -165,7 +164,7 @@ def parse_adapter_config(raw: dict[str, Any]) -> LoraAdapterConfig:
     _refuse_options(raw)
     r = raw.get("r", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config", f"adapter_config.json: r must be a positive integer, got {r!r}"
         )
     alpha = _finite_number(raw.get("lora_alpha", 8), "lora_alpha")
@@ -199,7 +198,7 @@ def _check_patterns(config: LoraAdapterConfig) -> None:
     keyed = (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
     for field, by_key in keyed:
         if len(by_key) > patterns.MAX_PATTERN_KEYS:
-            raise AdapterFormatError(
+            raise AdapterUnsafePattern(
                 "bad_pattern",
                 f"adapter_config.json: {field} has {len(by_key)} entries; at most "
                 f"{patterns.MAX_PATTERN_KEYS} are accepted",
@@ -227,7 +226,7 @@ def _refuse_options(raw: dict[str, Any]) -> None:
     )
     for key, present, what in checks:
         if present:
-            raise AdapterFormatError(
+            raise AdapterIncompatible(
                 "unsupported_option",
                 f"adapter_config.json uses {what}, which is not supported; retrain without "
                 f"{key!r} (only plain LoRA on q/k/v/o/gate/up/down_proj can be served)",
@@ -246,8 +245,8 @@ def _parse_targets(value: Any) -> tuple[str, ...] | str:
     return names
 
 
-def _non_projection_error(name: str) -> AdapterFormatError:
-    return AdapterFormatError(
+def _non_projection_error(name: str) -> AdapterMalformed:
+    return AdapterMalformed(
         "unsupported_module",
         f"adapter targets {name!r}, which is not a supported projection; LoRA can be "
         f"served only on {', '.join(PROJECTIONS)} (no embed_tokens or lm_head): retrain "
@@ -267,7 +266,7 @@ def _str_tuple(value: Any, field: str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config", f"adapter_config.json: {field} must be a list of strings, got {value!r}"
         )
     return tuple(value)
@@ -280,7 +279,7 @@ def _parse_layers(value: Any) -> tuple[int, ...] | int | None:
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
         return tuple(value)
-    raise AdapterFormatError(
+    raise AdapterMalformed(
         "bad_config",
         f"adapter_config.json: layers_to_transform must be an int or a list of ints, got {value!r}",
     )
@@ -292,11 +291,11 @@ def _pattern(value: Any, field: str, kind: type) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
     ):
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config", f"adapter_config.json: {field} must map names to numbers, got {value!r}"
         )
     if kind is int and not all(isinstance(v, int) and v > 0 for v in value.values()):
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config", f"adapter_config.json: {field} ranks must be positive integers"
         )
     if kind is float:
@@ -308,7 +307,7 @@ def _finite_number(value: Any, field: str) -> float:
     """`value` as a finite float: JSON allows NaN, Infinity, 1e999 and 400-digit ints,
     and an infinite alpha scales every weight to Inf or NaN."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config", f"adapter_config.json: {field} must be a number, got {value!r}"
         )
     try:
@@ -316,7 +315,7 @@ def _finite_number(value: Any, field: str) -> float:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise AdapterFormatError(
+        raise AdapterMalformed(
             "bad_config",
             f"adapter_config.json: {field} must be a finite number, not {str(value)[:40]}; "
             "fix it in adapter_config.json (PEFT's default is 8)",
