@@ -12,8 +12,9 @@ launches hide behind the device instead of leaving it idle between steps. Then N
 tokens are collected, checked against EOS and token limits, and turned into streamed
 text while N+1 runs. A request that finishes at step N has computed one token more in
 N+1 (never streamed; a stop string, found with the text, may cost one more). Without
-overlap (the CPU, where a launch runs the step to the end) each step is collected
-before the next one is scheduled.
+overlap (the CPU, where a launch runs the step to the end, or --no-step-overlap) each
+step is collected before the next one is scheduled; the text of the step before is
+streamed while it runs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ ReleaseAdapter = Callable[[str], None]  # called once per finished request with 
 class _Live:
     stream: RequestStream
     generator: torch.Generator
+
+
+class _Phases:
+    """How long each phase of one loop iteration took (metrics.STEP_PHASES)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def end(self, phase: str) -> None:
+        """The phase that began at the last `end` (or at creation) ends now."""
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.last
+        self.last = now
 
 
 @dataclass
@@ -155,32 +170,38 @@ class Engine:
             self._release_adapter(request.adapter_id)
 
     def _step(self) -> bool:
-        """One iteration: inbox, schedule, copy adapters, launch the step; then collect
-        the step before it (overlap) or this one, and stream text. False = stop."""
+        """One iteration: inbox, schedule, copy adapters, launch the step; stream text
+        and collect tokens while it runs. False = stop."""
         idle = not self.scheduler.has_work() and not self._unstreamed and self._in_flight is None
         if not self._drain(block=idle):
             return False
-        stamps = [time.perf_counter()]  # phase boundaries, for metrics.step_phases
+        phases = _Phases()  # for metrics.step_phases
         batch = self.scheduler.schedule()
         self.metrics.batch_scheduled(batch)
         # Copies are issued before the forward; no sequence of this batch reads the
         # slots they fill, so on CUDA they run beside it.
         failed_loads = self._load_slots(batch.slot_loads)
-        stamps.append(time.perf_counter())
+        phases.end("schedule")
         launched = None
         if batch.seqs and not failed_loads:  # failed loads ended requests: reschedule
-            launched = self._launch(batch, stamps[-1])
-        stamps.append(time.perf_counter())
-        if self.overlap:
-            to_collect, self._in_flight = self._in_flight, launched
-        else:
-            to_collect = launched
-        if to_collect is not None:
-            self._collect(to_collect, stamps)
-        self._stream_text()  # on CUDA, overlaps the step in flight
-        stamps.append(time.perf_counter())
-        if to_collect is not None:
-            self.metrics.step_phases(stamps)
+            launched = self._launch(batch, phases.last)
+        phases.end("launch")
+        if self.overlap:  # collect the step before, then stream its text beside this one
+            collected, self._in_flight = self._in_flight, launched
+            if collected is not None:
+                self._collect(collected, phases)
+            self._stream_text()
+            phases.end("stream")
+        else:  # stream the step before's text beside this one, then collect it
+            collected = launched
+            self._stream_text()
+            phases.end("stream")
+            if collected is not None:
+                self._collect(collected, phases)
+            if not self.scheduler.has_work():
+                self._stream_text()
+        if collected is not None:
+            self.metrics.step_phases(phases.seconds)
         return True
 
     def _launch(self, batch: ScheduledBatch, now: float) -> _Launched | None:
@@ -201,9 +222,8 @@ class Engine:
         self.scheduler.on_step_launched(batch)
         return _Launched(batch, pending, now)
 
-    def _collect(self, step: _Launched, stamps: list[float]) -> None:
-        """Waits for a step's tokens and accepts them; appends the wait and collect
-        phase stamps."""
+    def _collect(self, step: _Launched, phases: _Phases) -> None:
+        """Waits for a step's tokens and accepts them (the wait and collect phases)."""
         try:
             sampled = step.pending.result()
         except Exception:  # a device fault surfaces here: fail what is in flight
@@ -211,10 +231,10 @@ class Engine:
             if self._in_flight is not None:
                 self._fail_step(self._in_flight.batch)
                 self._in_flight = None
-            stamps.append(time.perf_counter())
+            phases.end("wait")
             return
-        now = time.perf_counter()
-        stamps.append(now)
+        phases.end("wait")
+        now = phases.last
         self.steps += 1
         # The device time of this step, had it queued behind the one before.
         self.metrics.step_done(step.batch, now - max(step.launched_at, self._last_collected))
@@ -229,7 +249,7 @@ class Engine:
                 # Done: its blocks and slot go back before the next schedule; its final
                 # text goes out with the next `_stream_text`.
                 self.scheduler.finish(request_id)
-        stamps.append(time.perf_counter())
+        phases.end("collect")
 
     def _fail_step(self, batch: ScheduledBatch) -> None:
         log.exception("model step failed; failing the %d requests in it", len(batch.seqs))

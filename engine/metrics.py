@@ -173,10 +173,10 @@ class EngineMetrics:
         self.batch_seqs.observe(num_seqs)
         self.batch_tokens.observe(num_tokens)
 
-    def step_phases(self, stamps: list[float]) -> None:
-        """`stamps`: perf_counter at the start of each of STEP_PHASES and at the end."""
-        for phase, start, end in zip(STEP_PHASES, stamps, stamps[1:], strict=False):
-            self._phases[phase].observe(end - start)
+    def step_phases(self, seconds: dict[str, float]) -> None:
+        """`seconds`: how long each of STEP_PHASES took in one loop iteration."""
+        for phase, duration in seconds.items():
+            self._phases[phase].observe(duration)
 
     # -- servicer hooks ------------------------------------------------------------
     def request_refused(self, code: grpc.StatusCode) -> None:
