@@ -34,7 +34,7 @@ from control_plane.reconciler.plan import (
     desired_placements,
     plan,
 )
-from control_plane.reconciler.store import LoadOutcome, PassResult, ReconcileStore
+from control_plane.reconciler.store import LoadAttempt, PassResult, ReconcileStore
 from control_plane.reconciler.waiting import in_thread, log_failure, wait_event
 
 __all__ = ["PassReport", "Reconciler"]
@@ -193,7 +193,7 @@ class Reconciler:
 
     async def _apply(
         self, address: str, steps: list[Action], held: dict[str, ObservedAdapter]
-    ) -> tuple[list[LoadOutcome], int]:
+    ) -> tuple[list[LoadAttempt], int]:
         """Run one engine's steps in order; evictions update `held` in place.
 
         A step starts only if this replica's lease outlasts the call (renewals can fail
@@ -231,5 +231,5 @@ class Reconciler:
                     log.warning(
                         "load %s on %s failed: %s %s", step.adapter_id, address, code, message
                     )
-                outcomes.append(LoadOutcome(step.version_id, step.engine_id, code, message))
+                outcomes.append(LoadAttempt(step.version_id, step.engine_id, code, message))
         return outcomes, evictions

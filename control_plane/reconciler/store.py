@@ -65,7 +65,7 @@ KeyTable = tuple[tuple[str, str, str], ...]  # (key_id, secret_hash, tenant)
 
 
 @dataclass(frozen=True)
-class LoadOutcome:
+class LoadAttempt:
     """The result of one LoadAdapter call; `code` is "" on success, else a status name."""
 
     version_id: int
@@ -77,7 +77,7 @@ class LoadOutcome:
 @dataclass(frozen=True)
 class PassResult:
     observed: Observed
-    loads: tuple[LoadOutcome, ...] = ()
+    loads: tuple[LoadAttempt, ...] = ()
     stale_engines: tuple[str, ...] = field(default=())
 
 
@@ -206,7 +206,7 @@ class ReconcileStore:
             generation = KeyTableGeneration(session).current()
             return generation, tuple(ApiKeyRepository(session).accepted_keys())
 
-    def _record_load(self, row: Placement, outcome: LoadOutcome, now: datetime) -> None:
+    def _record_load(self, row: Placement, outcome: LoadAttempt, now: datetime) -> None:
         if not outcome.code:
             row.observed_state = PlacementObserved.LOADED
             row.attempts, row.permanent_refusals, row.permanent_failure = 0, 0, False

@@ -23,7 +23,7 @@ from control_plane.models import (
     VersionState,
 )
 from control_plane.reconciler.config import PERMANENT_CODES
-from control_plane.reconciler.store import LoadOutcome, PassResult, ReconcileStore
+from control_plane.reconciler.store import LoadAttempt, PassResult, ReconcileStore
 from control_plane.repositories.catalog import AdapterRepository
 from control_plane.repositories.fleet import EngineRepository
 from control_plane.services.common import ServiceContext
@@ -198,7 +198,7 @@ def test_only_refusals_in_a_row_fail_a_placement_for_good(fleet: Sessions) -> No
     store = make_store(fleet)
 
     def load(code: str) -> bool:
-        outcome = LoadOutcome(version_id=1, engine_id=1, code=code, message="m")
+        outcome = LoadAttempt(version_id=1, engine_id=1, code=code, message="m")
         store.finish_pass({1: frozenset({1})}, PassResult({1: {}}, (outcome,)), NOW)
         with fleet.begin() as session:
             query = select(Placement).where(Placement.version_id == 1)
