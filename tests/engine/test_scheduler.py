@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, Sequence
+from engine.scheduler import UNRESOLVED, ScheduledBatch, Scheduler, SchedulerConfig, Sequence
 
 
 def make(
@@ -416,3 +416,25 @@ def test_a_step_reads_a_bounded_number_of_waiting_requests():
     sched.finish("r4999")
     assert Watched.touched == {"r4999"}
     assert sched.num_waiting == 5000 - 6 * 4 - 1
+
+
+def test_overlapped_steps_feed_unresolved_tokens_and_stop_at_the_limit():
+    """With step N+1 scheduled before N's tokens are back: N+1 decodes the token N is
+    sampling (UNRESOLVED), the real ids land in order, and a sequence holding all the
+    tokens it may have gets no further decode step."""
+    sched = make()
+    sched.add(Sequence("a", [1, 2, 3], max_tokens=5))  # at most 2 new tokens
+    first = sched.schedule()
+    sched.on_step_launched(first)  # step 1 in flight: samples token 4
+    second = sched.schedule()
+    assert [s.token_ids for s in second.seqs] == [(UNRESOLVED,)]
+    assert second.seqs[0].start_position == 3
+    sched.on_step_launched(second)  # step 2 in flight: samples token 5, the last
+    sched.on_tokens({"a": 40})  # step 1's token arrives
+    assert sched.get("a").token_ids == [1, 2, 3, 40, UNRESOLVED]
+    assert sched.schedule().seqs == ()  # 5 tokens: nothing left to decode
+    sched.on_tokens({"a": 50})
+    assert sched.get("a").token_ids == [1, 2, 3, 40, 50]
+    sched.finish("a")
+    sched.on_tokens({"a": 60})  # a late step of a finished sequence is ignored
+    assert sched.get("a") is None
