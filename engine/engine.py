@@ -2,8 +2,10 @@
 
 gRPC handlers talk to it only through `submit`, `abort` and `forget_adapter`, which
 post to an inbox read between steps; so a cancel takes effect within one step and
-the loop's state is changed by one thread only. Reports (GetEngineInfo, metrics) read
-counters of the scheduler from other threads; such reads may be a step stale.
+the loop's state (the scheduler, its KV blocks and adapter slots) is read and changed
+by the loop thread only. Other threads (GetEngineInfo, ListAdapters, metrics, the
+servicer's queue cap) read `snapshot()`: the `EngineSnapshot` the loop publishes after
+each step and after applying inbox messages, at most a step stale.
 
 Steps overlap on CUDA (`overlap`): step N+1 is scheduled and launched while the
 device still computes step N, its decode tokens read from N's sampled tokens on the
@@ -28,17 +30,19 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.lora.peft_format import LoraWeights
 from engine.metrics import EngineMetrics
 from engine.output_processor import RequestStream
 from engine.request import EngineRequest, FinishReason, RequestOutput
 from engine.runner import ModelRunner, PendingStep
 from engine.sampling import make_generator
 from engine.scheduler import ScheduledBatch, Scheduler, Sequence
+from engine.snapshot import EngineSnapshot
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-AdapterWeightsSource = Callable[[str], object]  # adapter_id -> LoraWeights
+AdapterWeightsSource = Callable[[str], LoraWeights]  # adapter_id -> its packed host image
 ReleaseAdapter = Callable[[str], None]  # called once per finished request with an adapter
 
 
@@ -101,7 +105,8 @@ class Engine:
         # instead of waiting in an inbox nobody reads.
         self._closed = False
         self._closing = threading.Lock()
-        self.steps = 0
+        self._steps = 0  # steps collected
+        self._snapshot = EngineSnapshot.of(scheduler, 0)  # the loop's thread not started yet
 
     # -- called from other threads -------------------------------------------------
     def start(self) -> None:
@@ -118,17 +123,23 @@ class Engine:
                 return
         self._refuse(request, emit)
 
+    def snapshot(self) -> EngineSnapshot:
+        """The loop's state as it last published it (see the module docstring)."""
+        return self._snapshot
+
     @property
     def num_queued(self) -> int:
         """Requests waiting to run: in the scheduler's queue or not yet read from the inbox
         (the inbox also holds aborts, so this may overcount slightly)."""
-        return self.scheduler.num_waiting + self._inbox.qsize()
+        return self._snapshot.num_waiting + self._inbox.qsize()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
     def forget_adapter(self, adapter_id: str) -> None:
-        """The adapter left the engine: free its slot once its requests are done."""
+        """The adapter left the engine: free its slot once its requests are done. The
+        registry calls it (its `on_drop`) on whichever thread dropped the adapter; the
+        loop applies it between steps."""
         self._inbox.put(("forget", adapter_id))
 
     def is_alive(self) -> bool:
@@ -144,6 +155,7 @@ class Engine:
                 except Exception:  # a bug: fail what is in flight, keep the loop serving
                     log.exception("the engine loop hit an unexpected error")
                     self._fail_all("the engine hit an internal error")
+                self._publish()
         finally:  # whatever ends the loop, no request may be left without a final message
             with self._closing:
                 self._closed = True
@@ -152,6 +164,11 @@ class Engine:
                 message = self._inbox.get()
                 if message[0] == "add":
                     self._refuse(message[1], message[2])
+            self._publish()
+
+    def _publish(self) -> None:
+        """Publishes the loop's state for other threads (one atomic assignment)."""
+        self._snapshot = EngineSnapshot.of(self.scheduler, self._steps)
 
     def _fail_all(self, error: str) -> None:
         for request_id in list(self._live):
@@ -235,7 +252,7 @@ class Engine:
             return
         phases.end("wait")
         now = phases.last
-        self.steps += 1
+        self._steps += 1
         # The device time of this step, had it queued behind the one before.
         self.metrics.step_done(step.batch, now - max(step.launched_at, self._last_collected))
         self._last_collected = now
@@ -269,15 +286,20 @@ class Engine:
                 self._end(request_id, reason)
 
     def _drain(self, block: bool) -> bool:
-        """Applies inbox messages; returns False when asked to stop."""
+        """Applies inbox messages, then publishes the state they changed; returns False
+        when asked to stop."""
+        applied = False
         while True:
             try:
                 message = self._inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 if block:
                     continue
+                if applied:  # requests moved from the inbox to the scheduler's queue
+                    self._publish()
                 return True
             block = False
+            applied = True
             kind = message[0]
             if kind == "stop":
                 for request_id in list(self._live):

@@ -3,7 +3,8 @@
 Counters and histograms are fed by events: the engine loop reports requests starting
 and finishing and each model step; the Inference servicer reports refusals and the
 latencies its client sees. Gauges (queues, KV blocks, adapter slots, adapters) are read
-from the live objects at scrape time, so the engine loop pays nothing for them.
+at scrape time from the engine loop's published `EngineSnapshot` and the adapter
+registry, so the engine loop pays nothing more for them.
 
 Labels are bounded: `tenant` (the control plane bounds tenants; "" = no tenant),
 `reason` (stop/length/cancelled/error), `code` (a gRPC status name), `kind`
@@ -16,7 +17,7 @@ several engines in one process never clash; `loraplex.metrics_http` exposes it o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
     from engine.lora.registry import AdapterRegistry
     from engine.request import EngineRequest, FinishReason, RequestOutput
-    from engine.scheduler import ScheduledBatch, Scheduler
+    from engine.scheduler import ScheduledBatch
+    from engine.snapshot import EngineSnapshot
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -132,13 +134,19 @@ class EngineMetrics:
         self._phases = {k: self.step_phase.labels(k) for k in STEP_PHASES}
         self._watching = False
 
-    def watch(self, scheduler: Scheduler, adapters: AdapterRegistry, model_name: str = "") -> None:
-        """Adds the gauges read from these live objects at each scrape (once): the
-        `loraplex_engine_*` ones and the `vllm:*` ones inference gateways read
-        (`engine.gateway_metrics`), labelled with `model_name`."""
+    def watch(
+        self,
+        snapshot: Callable[[], EngineSnapshot],
+        adapters: AdapterRegistry,
+        model_name: str = "",
+    ) -> None:
+        """Adds the gauges read at each scrape (once) from the engine loop's latest
+        snapshot (`Engine.snapshot`) and the registry: the `loraplex_engine_*` ones and
+        the `vllm:*` ones inference gateways read (`engine.gateway_metrics`), labelled
+        with `model_name`."""
         if not self._watching:
-            self.registry.register(_LiveStateCollector(scheduler, adapters))
-            self.registry.register(GatewayCollector(scheduler, adapters, model_name))
+            self.registry.register(_LiveStateCollector(snapshot, adapters))
+            self.registry.register(GatewayCollector(snapshot, adapters, model_name))
             self._watching = True
 
     # -- engine loop hooks ---------------------------------------------------------
@@ -210,30 +218,28 @@ class RequestTimer:
 
 
 class _LiveStateCollector(Collector):
-    """Gauges read from the scheduler and the adapter registry when scraped. Reads are
-    unlocked lengths of containers the engine loop owns: each is atomic, the set is a
-    near-instant, not a transaction."""
+    """Gauges read when scraped from the engine loop's latest snapshot (one consistent
+    state, at most a step old) and the adapter registry (under its lock)."""
 
-    def __init__(self, scheduler: Scheduler, adapters: AdapterRegistry) -> None:
-        self._scheduler = scheduler
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], adapters: AdapterRegistry) -> None:
+        self._snapshot = snapshot
         self._adapters = adapters
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        s = self._scheduler
-        slots = s.slots
+        s = self._snapshot()
         records = self._adapters.list()
         values = (
             ("requests_running", "Requests admitted and holding KV blocks", s.num_running),
             ("requests_waiting", "Requests queued for admission", s.num_waiting),
-            ("kv_blocks_total", "KV cache blocks the scheduler manages", s.blocks.num_blocks),
-            ("kv_blocks_free", "KV cache blocks free now", s.blocks.num_free_blocks),
-            ("adapter_slots_total", "Adapter slots on the device (max_loras)", slots.max_loras),
+            ("kv_blocks_total", "KV cache blocks the scheduler manages", s.kv_blocks_total),
+            ("kv_blocks_free", "KV cache blocks free now", s.kv_blocks_free),
+            ("adapter_slots_total", "Adapter slots on the device (max_loras)", s.max_loras),
             (
                 "adapter_slots_in_use",
                 "Adapter slots pinned by requests in flight",
-                slots.num_pinned,
+                s.num_pinned_slots,
             ),
-            ("adapter_slots_occupied", "Adapter slots holding an adapter", len(slots.resident())),
+            ("adapter_slots_occupied", "Adapter slots holding an adapter", len(s.slot_of)),
             ("adapters_loaded", "Adapters loaded on this engine", len(records)),
             (
                 "adapters_cpu_cached",

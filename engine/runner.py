@@ -23,6 +23,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
+from engine.lora.peft_format import LoraWeights
 from engine.lora.slot_pool import LoraSlotPool
 from engine.mixed_graphs import MixedGraphs
 from engine.model.llama import LlamaModel
@@ -69,7 +70,7 @@ class ModelRunner:
         self.decode_graphs = decode_graphs
         self.mixed_graphs = mixed_graphs
 
-    def load_adapter(self, slot: int, weights: object) -> None:
+    def load_adapter(self, slot: int, weights: LoraWeights) -> None:
         """Copies an adapter's weights into a device slot (asynchronously on CUDA)."""
         if self.lora_pool is None:
             raise RuntimeError("this engine was started without adapter slots")

@@ -56,8 +56,8 @@ import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.adapter_slots import AdapterSlots
 from engine.block_allocator import BlockAllocator, blocks_needed
+from engine.lora.slots import AdapterSlots
 from engine.waiting_queue import WaitingQueue
 
 UNRESOLVED = -1  # a token a launched step is sampling, not yet known on the host
@@ -152,10 +152,9 @@ class Scheduler:
         return bool(self._waiting) or bool(self._running)
 
     def lora_activity(self) -> tuple[set[str], set[str]]:
-        """(adapters of running requests, adapters of waiting requests). Safe to call
-        from another thread (metrics): each container is copied in one C-level step
-        under the GIL, so the answer is a near-instant, possibly a step stale."""
-        running = {seq.adapter_id for seq in list(self._running.values()) if seq.adapter_id}
+        """(adapters of running requests, adapters of waiting requests), for the engine
+        loop's snapshot (`engine.snapshot`)."""
+        running = {seq.adapter_id for seq in self._running.values() if seq.adapter_id}
         return running, set(self._waiting.adapter_ids())
 
     def get(self, request_id: str) -> Sequence | None:

@@ -6,10 +6,15 @@ The cache holds every adapter with requests in flight (those are never evicted, 
 engine loop never reads a disk to fill a slot) plus up to `max_cpu_loras` idle ones,
 least recently used leaving first.
 
-Thread-safe: the admin gRPC thread and the preload threads load and evict while the
-engine loop resolves, acquires, releases and reads weights. One lock guards the
-bookkeeping; disk reads and validation happen outside it so a large load never stalls
-the engine loop.
+Thread-safe: the admin gRPC thread and the preload threads load and evict, the
+servicer resolves and acquires, and the engine loop releases and reads weights. One
+lock guards the bookkeeping; disk reads and validation happen outside it so a large
+load never stalls the engine loop.
+
+Host residency is owned here, device residency by the engine loop (`engine.lora.slots`):
+an adapter that leaves the registry reaches the loop by one path, `on_drop`, which the
+engine wires to `Engine.forget_adapter` (it posts to the loop's inbox; the loop frees
+the slot between steps).
 """
 
 from __future__ import annotations
@@ -45,8 +50,11 @@ class AdapterRegistry:
 
     Host images are packed in `dtype` (the serving dtype) and page-locked when
     `pin_memory`. `on_drop(adapter_id)` (optional) is called, outside the lock, whenever
-    an adapter leaves the registry (evicted idle, or its last in-flight request
-    released), so the owner of device slots can free the adapter's slot.
+    an adapter leaves the registry (evicted idle: on the evicting thread; or its last
+    in-flight request released: on the releasing thread, usually the engine loop), so
+    the owner of device slots can free the adapter's slot. It may be given here or set
+    once afterwards (`build_engine` sets it when the engine exists), before any adapter
+    is loaded.
     `before_read(adapter_id)` (optional) is called, outside the lock, before each read
     of an adapter's files (load or re-read); the engine passes none, tests hold a load
     there to observe the engine while it is in progress.
@@ -70,7 +78,7 @@ class AdapterRegistry:
         self.adapter_roots = tuple(Path(root).resolve() for root in adapter_roots)
         self.pin_memory = pin_memory
         self.dtype = dtype
-        self._on_drop = on_drop
+        self.on_drop = on_drop
         self._before_read = before_read
         self._lock = threading.Lock()
         self._entries: dict[str, AdapterEntry] = {}
@@ -171,8 +179,8 @@ class AdapterRegistry:
                 self._drop(adapter_id)
             elif entry.in_flight == 0:
                 self._cache.trim()  # it may have been held beyond max_cpu_loras
-        if dropped and self._on_drop is not None:
-            self._on_drop(adapter_id)
+        if dropped and self.on_drop is not None:
+            self.on_drop(adapter_id)
 
     def evict(self, adapter_id: str) -> EvictOutcome:
         """Remove `adapter_id`: at once when idle, else refuse new requests now and
@@ -190,8 +198,8 @@ class AdapterRegistry:
             dropped = entry.in_flight == 0
             if dropped:
                 self._drop(adapter_id)
-        if dropped and self._on_drop is not None:
-            self._on_drop(adapter_id)
+        if dropped and self.on_drop is not None:
+            self.on_drop(adapter_id)
         return "evicted"
 
     def expect(self, adapter_ids: Iterable[str]) -> None:

@@ -14,7 +14,8 @@ image (`peft_format.LoraWeights`, same layout at the adapter's own rank) into th
 handful of large copies per slot, not one per module. On CUDA slot writes run on a
 side stream behind an event, and the runner must call `wait_pending(stream)` before
 its next forward; on the CPU they are synchronous.
-Which adapter goes to which slot is the scheduler's decision (engine/adapter_slots.py).
+Which adapter goes to which slot is the scheduler's decision, kept beside the pool
+in `engine.lora.slots`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ refuses leaves with its status from `engine.server.statuses`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import grpc
@@ -36,7 +36,7 @@ def admin_token_check(admin_token: str) -> AdminTokenInterceptor:
 class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
     def __init__(
         self,
-        engine: Engine,  # read only: which adapters sit in device slots
+        engine: Engine,  # read only, through its snapshot: which adapters sit in slots
         adapters: AdapterRegistry,
         keys: ApiKeyTable,
         engine_info: Callable[[], pb.EngineInfo],
@@ -73,17 +73,21 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
             outcome=pb.LOAD_OUTCOME_LOADED
             if outcome == "loaded"
             else pb.LOAD_OUTCOME_ALREADY_LOADED,
-            adapter=self._info(record),
+            adapter=self._info(record, self._engine.snapshot().slot_of),
         )
 
     async def EvictAdapter(self, request: pb.EvictAdapterRequest, context):  # noqa: N802
-        # The registry refuses new requests at once; its on_drop frees the slot later.
+        # The registry refuses new requests at once; its on_drop (Engine.forget_adapter)
+        # has the engine loop free the slot once the adapter's last request ends.
         if self._adapters.evict(request.adapter_id) == "not_present":
             return pb.EvictAdapterResponse(outcome=pb.EVICT_OUTCOME_NOT_PRESENT)
         return pb.EvictAdapterResponse(outcome=pb.EVICT_OUTCOME_EVICTED)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context):  # noqa: N802
-        return pb.ListAdaptersResponse(adapters=[self._info(r) for r in self._adapters.list()])
+        slot_of = self._engine.snapshot().slot_of
+        return pb.ListAdaptersResponse(
+            adapters=[self._info(r, slot_of) for r in self._adapters.list()]
+        )
 
     async def GetEngineInfo(self, request: pb.GetEngineInfoRequest, context):  # noqa: N802
         return self._engine_info()
@@ -91,9 +95,9 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
     async def SyncApiKeys(self, request: pb.SyncApiKeysRequest, context):  # noqa: N802
         return pb.SyncApiKeysResponse(generation=self._keys.sync(request.keys, request.generation))
 
-    def _info(self, record: AdapterRecord) -> pb.AdapterInfo:
-        in_slot = self._engine.scheduler.slots.slot_of(record.adapter_id) is not None
-        if in_slot:
+    def _info(self, record: AdapterRecord, slot_of: Mapping[str, int]) -> pb.AdapterInfo:
+        """`slot_of`: the resident adapters of one engine snapshot."""
+        if record.adapter_id in slot_of:
             residency = pb.RESIDENCY_GPU
         elif record.in_cpu_cache:
             residency = pb.RESIDENCY_CPU

@@ -77,7 +77,8 @@ class EngineParts:
     preloader: AdapterPreloader | None = None  # running: --adapter-dir loads in background
 
     def info(self) -> engine_admin_pb2.EngineInfo:
-        scheduler = self.engine.scheduler
+        """Engine facts; the loop's state from its published snapshot (any thread)."""
+        snapshot = self.engine.snapshot()
         return engine_admin_pb2.EngineInfo(
             boot_id=self.boot_id,
             model_name=self.model_config.name,
@@ -87,12 +88,12 @@ class EngineParts:
             max_cpu_loras=self.config.max_cpu_loras,
             device=self.config.device,
             dtype=self.config.dtype,
-            kv_blocks_total=scheduler.blocks.num_blocks,
-            kv_blocks_free=scheduler.blocks.num_free_blocks,
+            kv_blocks_total=snapshot.kv_blocks_total,
+            kv_blocks_free=snapshot.kv_blocks_free,
             kv_block_size=self.config.block_size,
             max_model_len=self.limits.max_model_len,
-            running_requests=scheduler.num_running,
-            waiting_requests=scheduler.num_waiting,
+            running_requests=snapshot.num_running,
+            waiting_requests=snapshot.num_waiting,
             num_adapters=len(self.adapters.list()),
             architecture=self.model_config.architecture,
         )
@@ -121,18 +122,9 @@ def build_engine(
     use_graphs = _uses_cuda_graphs(config, model, kv_cache)
     limits = _kv_limits(config, model_config, kv_cache, use_graphs)
     scheduler = _scheduler(config, limits)
-    adapters = _adapter_registry(
-        config,
-        model_config,
-        dtype,
-        # An adapter that really left (evicted, last request done) frees its slot.
-        # `engine` is bound below, before any adapter can be dropped.
-        on_drop=lambda adapter_id: engine.forget_adapter(adapter_id),
-        before_read=before_adapter_read,
-    )
+    adapters = _adapter_registry(config, model_config, dtype, before_read=before_adapter_read)
     runner = _runner(config, model, kv_cache, pool, limits, use_graphs)
     metrics = EngineMetrics()
-    metrics.watch(scheduler, adapters, model_config.name)
     engine = Engine(
         scheduler,
         runner,
@@ -142,6 +134,10 @@ def build_engine(
         metrics=metrics,
         overlap=config.step_overlap and config.on_cuda,
     )
+    # An adapter that really left (evicted, last request done) frees its slot; wired
+    # before the preload starts, so before any adapter can be dropped.
+    adapters.on_drop = engine.forget_adapter
+    metrics.watch(engine.snapshot, adapters, model_config.name)
     preloader = _start_preload(config, adapters)
     return EngineParts(
         config=config,
@@ -217,7 +213,6 @@ def _adapter_registry(
     config: EngineConfig,
     model_config: ModelConfig,
     dtype: torch.dtype,
-    on_drop: Callable[[str], None],
     before_read: Callable[[str], None] | None,
 ) -> AdapterRegistry:
     return AdapterRegistry(
@@ -227,7 +222,6 @@ def _adapter_registry(
         adapter_roots=config.readable_adapter_roots,
         pin_memory=config.on_cuda,
         dtype=dtype,
-        on_drop=on_drop,
         before_read=before_read,
     )
 

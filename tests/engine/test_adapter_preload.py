@@ -99,7 +99,7 @@ def test_serving_while_preloading_and_a_request_waits_for_its_adapter(
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         # --max-loras was left at 0 (auto): the CPU keeps 8 slots, and says so.
         info = running.admin.GetEngineInfo(admin_pb.GetEngineInfoRequest())
-        assert info.max_loras == running.parts.engine.scheduler.slots.max_loras == 8
+        assert info.max_loras == running.parts.engine.snapshot().max_loras == 8
         # The quick ones finish beside the held one; the base model serves meanwhile.
         assert generate(running, "a-quick").completion_tokens == NEW_TOKENS
         assert generate(running, "c-quick").completion_tokens == NEW_TOKENS

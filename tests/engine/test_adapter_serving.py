@@ -142,7 +142,7 @@ def test_mixed_batch_of_adapters_matches_peft(tiny_llama31_path, adapter_root, e
     with overlapped(config, overlap) as running:
         jobs = [(name, i) for name in [*ADAPTERS, ""] for i in range(len(PROMPTS))]
         results = run_concurrently(running, jobs)
-        steps_with_many = running.parts.engine.steps
+        steps_with_many = running.parts.engine.snapshot().steps
     for job in jobs:
         assert results[job] == expected[job], job
     assert steps_with_many < len(jobs) * NEW_TOKENS  # the rows really shared steps
@@ -154,7 +154,7 @@ def test_more_adapters_in_flight_than_slots(tiny_llama31_path, adapter_root, exp
     with overlapped(config, overlap) as running:
         jobs = [(name, i) for name in ADAPTERS for i in range(2)]
         results = run_concurrently(running, jobs)
-        assert running.parts.engine.scheduler.slots.max_loras == 2
+        assert running.parts.engine.snapshot().max_loras == 2
     for job in jobs:
         assert results[job] == expected[job], job
 

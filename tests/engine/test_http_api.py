@@ -228,7 +228,7 @@ def test_the_tenant_cap_answers_429_and_other_tenants_still_get_in(engine) -> No
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_cancels_its_generation(engine, stream) -> None:
     registry = engine.running.parts.metrics.registry
-    scheduler = engine.running.parts.engine.scheduler
+    loop = engine.running.parts.engine  # read from this thread: its published snapshot
     cancelled = value(render(registry), "loraplex_engine_requests_finished_total", 0,
                       tenant="acme", reason="cancelled")  # fmt: skip
     connection = HTTPConnection("127.0.0.1", engine.http_port, timeout=30)
@@ -240,15 +240,15 @@ def test_a_client_that_disconnects_cancels_its_generation(engine, stream) -> Non
         reply = connection.getresponse()
         assert reply.status == 200 and reply.readline().startswith(b"data: ")
     deadline = time.monotonic() + 10
-    while scheduler.num_running == 0 and time.monotonic() < deadline:
+    while loop.snapshot().num_running == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert scheduler.num_running == 1  # generating now (1000 tokens take seconds)
+    assert loop.snapshot().num_running == 1  # generating now (1000 tokens take seconds)
     connection.sock.close()  # the client goes away mid-generation
     connection.close()
     deadline = time.monotonic() + 5
-    while scheduler.num_running and time.monotonic() < deadline:
+    while loop.snapshot().num_running and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert scheduler.num_running == 0
+    assert loop.snapshot().num_running == 0
     samples = render(registry)
     assert value(samples, "loraplex_engine_requests_finished_total", tenant="acme",
                  reason="cancelled") == cancelled + 1  # fmt: skip

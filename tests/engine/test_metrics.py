@@ -63,7 +63,7 @@ def test_scraped_counts_and_gauges_after_served_cancelled_and_refused_calls(tiny
         finished = "loraplex_engine_requests_finished_total"
         samples = scrape_until(port, lambda s: value(s, finished, 0, tenant="", reason="cancelled"))
         info = running.admin.GetEngineInfo(admin_pb.GetEngineInfoRequest())
-        steps = running.parts.engine.steps
+        steps = running.parts.engine.snapshot().steps
 
     assert value(samples, "loraplex_engine_requests_started_total", tenant="") == 3
     assert value(samples, finished, tenant="", reason="length") == 2

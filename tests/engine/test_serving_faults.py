@@ -47,7 +47,7 @@ def test_a_full_queue_answers_resource_exhausted(tiny_llama31_path):
         first = running.inference.Generate(ids_request([5, 6, 7], 400))
         next(first)
         second = running.inference.Generate(ids_request([5, 6, 8], 4))
-        wait_until(lambda: running.parts.engine.scheduler.num_waiting == 1)
+        wait_until(lambda: running.parts.engine.snapshot().num_waiting == 1)
         with pytest.raises(grpc.RpcError) as caught:
             running.generate(ids_request([5, 6, 9], 4))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

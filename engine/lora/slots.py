@@ -1,4 +1,7 @@
-"""Which adapter sits in which device slot (pure Python; the scheduler's view of residency).
+"""Which adapter sits in which device slot: the bookkeeping beside the slot pool
+(pure Python, no torch). The scheduler decides with it; `slot_pool.LoraSlotPool` holds
+the tensors it points into. Only the engine loop thread reads or changes it; other
+threads see residency through the loop's published `EngineSnapshot`.
 
 A slot holds one adapter's A/B weights on the device. Slots with requests in flight
 are pinned; idle slots keep their adapter (a later request reuses it for free) until
@@ -33,10 +36,8 @@ class AdapterSlots:
 
     @property
     def num_pinned(self) -> int:
-        """Slots whose adapter has requests in flight (resident minus idle). Safe to read
-        from another thread: never negative, exact once the owner's thread is between
-        calls."""
-        return max(0, len(self._slot_of) - len(self._idle))
+        """Slots whose adapter has requests in flight (resident minus idle)."""
+        return len(self._slot_of) - len(self._idle)
 
     def can_acquire(self, adapter_id: str) -> bool:
         if adapter_id in self._forget_when_idle:
