@@ -75,7 +75,7 @@ class _Launched:
     launched_at: float  # perf_counter when its launch began
 
 
-class Engine:
+class EngineLoop:
     def __init__(
         self,
         scheduler: Scheduler,

@@ -141,7 +141,7 @@ class EngineMetrics:
         model_name: str = "",
     ) -> None:
         """Adds the gauges read at each scrape (once) from the engine loop's latest
-        snapshot (`Engine.snapshot`) and the registry: the `loraplex_engine_*` ones and
+        snapshot (`EngineLoop.snapshot`) and the registry: the `loraplex_engine_*` ones and
         the `vllm:*` ones inference gateways read (`engine.gateway_metrics`), labelled
         with `model_name`."""
         if not self._watching:

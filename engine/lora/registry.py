@@ -13,7 +13,7 @@ load never stalls the engine loop.
 
 Host residency is owned here, device residency by the engine loop (`engine.lora.slots`):
 an adapter that leaves the registry reaches the loop by one path, `on_drop`, which the
-engine wires to `Engine.forget_adapter` (it posts to the loop's inbox; the loop frees
+engine wires to `EngineLoop.forget_adapter` (it posts to the loop's inbox; the loop frees
 the slot between steps).
 """
 
@@ -29,7 +29,6 @@ from typing import Literal
 import torch
 
 from engine.formats.adapter_folder import resolve_adapter_folder
-from engine.lora.adapter_record import AdapterEntry, AdapterRecord
 from engine.lora.errors import (
     AdapterConflictError,
     AdapterEvictingError,
@@ -37,6 +36,7 @@ from engine.lora.errors import (
     AdapterNotFoundError,
 )
 from engine.lora.host_cache import HostCache
+from engine.lora.loaded_adapter import AdapterEntry, LoadedAdapter
 from engine.lora.peft_format import LoraWeights, load_adapter
 from engine.model.config import ModelConfig
 
@@ -101,7 +101,7 @@ class AdapterRegistry:
         tenant: str = "",
         aliases: Iterable[str] = (),
         config_sha256: str = "",
-    ) -> tuple[LoadOutcome, AdapterRecord]:
+    ) -> tuple[LoadOutcome, LoadedAdapter]:
         """Validate and load the adapter folder at `path` under `adapter_id`.
 
         Idempotent: the same id with the same content (sha256, and config_sha256 when
@@ -143,22 +143,22 @@ class AdapterRegistry:
             self._cache.put(adapter_id, weights)
             return "loaded", self._record(entry)
 
-    def resolve(self, name: str) -> AdapterRecord:
+    def resolve(self, name: str) -> LoadedAdapter:
         """The adapter whose id or alias is `name`, if it takes new requests."""
         with self._lock:
             return self._record(self._usable(name))
 
-    def get(self, adapter_id: str) -> AdapterRecord | None:
+    def get(self, adapter_id: str) -> LoadedAdapter | None:
         """The record of `adapter_id` in any state, or None."""
         with self._lock:
             entry = self._entries.get(adapter_id)
             return None if entry is None else self._record(entry)
 
-    def list(self) -> list[AdapterRecord]:
+    def list(self) -> list[LoadedAdapter]:
         with self._lock:
             return [self._record(entry) for entry in self._entries.values()]
 
-    def acquire(self, name: str) -> AdapterRecord:
+    def acquire(self, name: str) -> LoadedAdapter:
         """Count one more request in flight on the adapter named `name` (id or alias).
         AdapterNotFoundError / AdapterEvictingError when it takes no new requests."""
         with self._lock:
@@ -278,7 +278,7 @@ class AdapterRegistry:
         config_sha256: str,
         tenant: str,
         aliases: tuple[str, ...],
-    ) -> tuple[LoadOutcome, AdapterRecord]:
+    ) -> tuple[LoadOutcome, LoadedAdapter]:
         pinned = self._config_pins.get(entry.adapter_id, "")
         other_config = bool(config_sha256 and pinned and config_sha256.lower() != pinned)
         if sha256.lower() != entry.summary.sha256 or other_config:
@@ -354,5 +354,5 @@ class AdapterRegistry:
         while len(self._evicted) > _MAX_EVICTED_NAMES:
             self._evicted.popitem(last=False)
 
-    def _record(self, entry: AdapterEntry) -> AdapterRecord:
+    def _record(self, entry: AdapterEntry) -> LoadedAdapter:
         return entry.snapshot(in_cpu_cache=entry.adapter_id in self._cache)

@@ -17,9 +17,9 @@ from datetime import datetime
 
 import grpc
 
-from engine.engine import Engine
+from engine.engine import EngineLoop
 from engine.formats.adapter_folder import require_roots
-from engine.lora.registry import AdapterRecord, AdapterRegistry
+from engine.lora.registry import AdapterRegistry, LoadedAdapter
 from engine.server.auth import ApiKeyTable
 from engine.server.statuses import Refused, translated
 from loraplex.admin_token import AdminTokenInterceptor
@@ -36,7 +36,7 @@ def admin_token_check(admin_token: str) -> AdminTokenInterceptor:
 class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
     def __init__(
         self,
-        engine: Engine,  # read only, through its snapshot: which adapters sit in slots
+        engine: EngineLoop,  # read only, through its snapshot: which adapters sit in slots
         adapters: AdapterRegistry,
         keys: ApiKeyTable,
         engine_info: Callable[[], pb.EngineInfo],
@@ -77,7 +77,7 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
         )
 
     async def EvictAdapter(self, request: pb.EvictAdapterRequest, context):  # noqa: N802
-        # The registry refuses new requests at once; its on_drop (Engine.forget_adapter)
+        # The registry refuses new requests at once; its on_drop (EngineLoop.forget_adapter)
         # has the engine loop free the slot once the adapter's last request ends.
         if self._adapters.evict(request.adapter_id) == "not_present":
             return pb.EvictAdapterResponse(outcome=pb.EVICT_OUTCOME_NOT_PRESENT)
@@ -95,7 +95,7 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
     async def SyncApiKeys(self, request: pb.SyncApiKeysRequest, context):  # noqa: N802
         return pb.SyncApiKeysResponse(generation=self._keys.sync(request.keys, request.generation))
 
-    def _info(self, record: AdapterRecord, slot_of: Mapping[str, int]) -> pb.AdapterInfo:
+    def _info(self, record: LoadedAdapter, slot_of: Mapping[str, int]) -> pb.AdapterInfo:
         """`slot_of`: the resident adapters of one engine snapshot."""
         if record.adapter_id in slot_of:
             residency = pb.RESIDENCY_GPU

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.attention import supports_decode_graphs
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.engine import Engine
+from engine.engine import EngineLoop
 from engine.formats.checkpoint import model_fingerprint
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
 from engine.lora.layout import slot_bytes
@@ -67,7 +67,7 @@ class EngineParts:
     config: EngineConfig
     model_config: ModelConfig
     tokenizer: Tokenizer
-    engine: Engine
+    engine: EngineLoop
     adapters: AdapterRegistry
     keys: ApiKeyTable
     limits: RequestLimits
@@ -125,7 +125,7 @@ def build_engine(
     adapters = _adapter_registry(config, model_config, dtype, before_read=before_adapter_read)
     runner = _runner(config, model, kv_cache, pool, limits, use_graphs)
     metrics = EngineMetrics()
-    engine = Engine(
+    engine = EngineLoop(
         scheduler,
         runner,
         tokenizer,
@@ -314,7 +314,7 @@ def _num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch
 
 
 async def _watch_engine_loop(
-    engine: Engine, state: ServingState, link: asyncio.Task | None
+    engine: EngineLoop, state: ServingState, link: asyncio.Task | None
 ) -> None:
     """Once the engine loop thread has died: health says NOT_SERVING (ready and alive)
     and the engine stops heartbeating, so the control plane stops placing adapters on it."""

@@ -25,14 +25,14 @@ from typing import NoReturn
 
 import grpc
 
-from engine.engine import Engine
+from engine.engine import EngineLoop
 from engine.formats.errors import AdapterFormatError
 from engine.lora.errors import (
     AdapterEvictingError,
     AdapterLoadingError,
     AdapterNotFoundError,
 )
-from engine.lora.registry import AdapterRecord, AdapterRegistry
+from engine.lora.registry import AdapterRegistry, LoadedAdapter
 from engine.metrics import EngineMetrics, RequestTimer
 from engine.request import RequestOutput
 from engine.server.auth import ApiKeyTable, AuthError
@@ -86,7 +86,7 @@ class GenerationService:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineLoop,
         tokenizer: Tokenizer,
         limits: RequestLimits,
         adapters: AdapterRegistry,
@@ -184,7 +184,7 @@ class GenerationService:
         except AuthError as exc:
             self._refuse_for(exc)
 
-    def usable_adapters(self, tenant: str | None) -> list[AdapterRecord]:
+    def usable_adapters(self, tenant: str | None) -> list[LoadedAdapter]:
         """The loaded adapters a caller of `tenant` may name (None: keys not enforced,
         every adapter), leaving out those being evicted."""
         return [
@@ -284,7 +284,7 @@ class GenerationService:
             self._refuse(grpc.StatusCode.NOT_FOUND, unknown)
         return record.adapter_id
 
-    async def _resolve_when_loaded(self, name: str, wait: bool) -> AdapterRecord:
+    async def _resolve_when_loaded(self, name: str, wait: bool) -> LoadedAdapter:
         """`resolve(name)`, waiting while the adapter is still being preloaded: up to
         `adapter_wait_s`, then the call is refused as UNAVAILABLE (retry). Without
         `wait`, an adapter still preloading is AdapterNotFoundError."""

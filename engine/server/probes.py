@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from grpc_health.v1 import health, health_pb2
 
-from engine.engine import Engine
+from engine.engine import EngineLoop
 from loraplex.v1 import engine_admin_pb2, inference_pb2
 
 LIVENESS_SERVICE = "liveness"
@@ -39,7 +39,7 @@ class Phase(StrEnum):
 class ServingState:
     """The engine's phase; each transition updates gRPC health. Used on the asyncio loop."""
 
-    def __init__(self, engine: Engine, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, engine: EngineLoop, health_servicer: health.aio.HealthServicer) -> None:
         self._engine = engine
         self._health = health_servicer
         self.phase = Phase.STARTING

@@ -1,5 +1,5 @@
 """What the engine knows about one loaded adapter: the registry's mutable entry and the
-frozen snapshot (`AdapterRecord`) it hands out, which is what `ListAdapters` reports."""
+frozen snapshot (`LoadedAdapter`) it hands out, which is what `ListAdapters` reports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from engine.formats.adapter_header import AdapterSummary
 
 
 @dataclass(frozen=True)
-class AdapterRecord:
+class LoadedAdapter:
     """A snapshot of one loaded adapter, as the admin API lists it."""
 
     adapter_id: str
@@ -44,8 +44,8 @@ class AdapterEntry:
     in_flight: int = 0
     evicting: bool = False
 
-    def snapshot(self, in_cpu_cache: bool) -> AdapterRecord:
-        return AdapterRecord(
+    def snapshot(self, in_cpu_cache: bool) -> LoadedAdapter:
+        return LoadedAdapter(
             adapter_id=self.adapter_id,
             tenant=self.tenant,
             aliases=tuple(self.aliases),
