@@ -59,10 +59,6 @@ class PaddedDecode:
     token_slots: np.ndarray  # [bucket] int32: adapter slot per row, -1 for none
     sorted_token_ids: np.ndarray  # [bucket] int32: rows grouped by adapter slot, -1 last
 
-    @property
-    def has_adapters(self) -> bool:
-        return bool((self.token_slots != NO_SLOT).any())
-
 
 def pad_decode(
     seqs: Sequence[ScheduledSeq], bucket: int, block_size: int, pad_block: int

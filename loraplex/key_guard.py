@@ -18,7 +18,6 @@ limited here: a key that was once accepted keeps working during a flood.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import threading
 import time
@@ -166,14 +165,6 @@ class KeyGuard:
 
         future.add_done_callback(done)
         return future
-
-    def verify(self, secret: str, encoded: str, key_id: str, peer: str) -> bool:
-        """`submit` and wait (in a worker thread, never on an event loop)."""
-        return self.submit(secret, encoded, key_id, peer).result()
-
-    async def verify_async(self, secret: str, encoded: str, key_id: str, peer: str) -> bool:
-        """`submit` and await: the event loop's threads are not held while scrypt runs."""
-        return await asyncio.wrap_future(self.submit(secret, encoded, key_id, peer))
 
     def _check(self, key_id: str, peer: str, now: float) -> None:
         wait = self._keys.retry_after(key_id, now)

@@ -50,9 +50,6 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
-    def query_len(self, seq: int) -> int:
-        return self.query_start_loc[seq + 1] - self.query_start_loc[seq]
-
     @cached_property
     def _decode_seq_index(self) -> Tensor:  # [num_decode] long
         return to_device(self.decode_seqs, self.slot_mapping.device)

@@ -84,7 +84,6 @@ def test_pad_decode_layout() -> None:
     assert step.block_tables.tolist() == [[7, 3], [5, 99], [4, 99], [99, 99], [99, 99]]
     assert step.token_slots.tolist() == [2, -1, 0, -1, -1]
     assert step.sorted_token_ids.tolist() == [2, 0, 1, 3, 4]
-    assert step.has_adapters
     with pytest.raises(ValueError):
         pad_decode(seqs, bucket=2, block_size=16, pad_block=99)
     with pytest.raises(ValueError):
