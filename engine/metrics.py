@@ -104,8 +104,9 @@ class EngineMetrics:
         self.step_phase = Histogram(
             p + "step_phase_seconds",
             "Engine loop time per step by phase: schedule (pick the batch), launch (build "
-            "inputs, queue the step), stream (text of the previous step, overlapping the "
-            "device), wait (for the device after that), collect (finish checks)",
+            "inputs, queue the step), wait (for the tokens of the step collected: the one "
+            "before with step overlap), collect (finish checks), stream (detokenize and "
+            "send, while the device runs)",
             ["phase"],
             buckets=_PHASE_BUCKETS,
             registry=r,
