@@ -96,11 +96,10 @@ class ModelRunner:
         host work while the GPU computes, then collects the tokens with `result()`.
         `previous`: the step launched before, whose samples feed this step's unresolved
         decode tokens."""
-        feed = None
-        if previous is not None:
-            feed = token_feed(batch.seqs, previous.rows(), previous.device_tokens)
+        if previous is None:
+            feed = token_feed(batch.seqs, None, None)  # None, or raises: nothing to feed from
         else:
-            token_feed(batch.seqs, None, None)  # raises if a token has no source
+            feed = token_feed(batch.seqs, previous.rows(), previous.device_tokens)
         logits = None
         if self.decode_graphs is not None:
             logits = self.decode_graphs.run(batch.seqs, feed)

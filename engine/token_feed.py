@@ -35,14 +35,15 @@ def token_feed(
     """The feed of a step's unresolved tokens from the step before (`row_of`: request id
     -> its row of `sampled`, that step's `[rows]` long tokens on the device). None when
     the step feeds none. Raises RuntimeError when a token has no source (a bug: the
-    embedding would read out of range)."""
+    embedding would read out of range). Only decode rows carry one (the scheduler
+    refuses to describe anything else), so only a row's last token is looked at."""
     positions: list[int] = []
     rows: list[int] = []
     offset = 0
     for seq in seqs:
         if seq.token_ids[-1] == UNRESOLVED:
             row = row_of.get(seq.request_id) if row_of is not None else None
-            if row is None or len(seq.token_ids) != 1:
+            if row is None:
                 raise RuntimeError(f"request {seq.request_id} feeds a token nobody sampled")
             positions.append(offset)
             rows.append(row)
