@@ -19,6 +19,7 @@ import argparse
 import gzip
 import json
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving_client import RequestSpec  # noqa: E402
 from serving_engine import BenchError, EngineProcess  # noqa: E402
+from serving_host import HostProbe  # noqa: E402
 from serving_report import git_commit, machine_info, machine_tag, markdown  # noqa: E402
 from serving_spec import PRESETS, Preset, adapter_ids  # noqa: E402
 from serving_stats import decode_floor, engine_view, summarize_runs  # noqa: E402
@@ -65,7 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--machine-tag", default="", help="default: from the GPU name")
     parser.add_argument("--w3-rates", default="", help="requests/s, comma list (default: preset)")
     parser.add_argument("--w3-duration", type=float, default=0.0, help="s per W3 rate")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, help="write py-spy profiles of each workload here"
+    )
+    args = parser.parse_args(argv)
+    if args.py_spy is not None and shutil.which("py-spy") is None:
+        parser.error("--py-spy needs the py-spy program on PATH (pip install py-spy)")
+    return args
 
 
 def engine_args(preset: Preset, fixtures: dict, max_loras: int, extra: list[str]) -> list[str]:
@@ -147,13 +155,18 @@ def run_engine(
         for name in names:
             workload = build(name, preset, args.seed)
             before = engine.scrape()
+            probe = HostProbe(engine.pid, f"{name}_loras{max_loras}", args.py_spy)
             try:
-                results: list[RunResult] = [clients.run(engine.target, r) for r in workload.runs]
+                with probe:
+                    results: list[RunResult] = [
+                        clients.run(engine.target, r) for r in workload.runs
+                    ]
             except BenchError as exc:
                 raise engine.annotate(BenchError(f"{name}: {exc}")) from exc
             after = engine.scrape()
             view = summarize_runs(results)
             view["engine"] = engine_view(before, after)
+            view["engine_host"] = probe.result()
             view["decode_floor"] = decode_floor(preset, workload, view, view["engine"], max_loras)
             view["base_of"] = workload.base_of
             view["num_adapters"] = workload.num_adapters
