@@ -59,6 +59,10 @@ class EngineConfig:
     # Schedule and launch each step while the device runs the one before (CUDA only;
     # engine.engine). Off: the host waits for every step before preparing the next.
     step_overlap: bool = True
+    # The public gRPC port served by a front-end process of its own (engine.server.
+    # frontend), so streaming messages do not take the GIL from the engine loop:
+    # auto = on CUDA, on, off.
+    frontend_process: str = "auto"
     admin_token: str = ""  # required by EngineAdmin when set
     control_plane: str = ""  # host:port of the control plane, "" = standalone
     advertise: str = ""  # address the control plane should dial back
@@ -93,12 +97,23 @@ class EngineConfig:
                 "--adapter-dir cannot be used with --control-plane: register adapters at the "
                 "control plane (loraplex adapters register), which places them on engines"
             )
+        if self.frontend_process not in ("auto", "on", "off"):
+            raise ValueError(
+                f"--frontend-process must be auto, on or off, got {self.frontend_process!r}"
+            )
         if not self.key_table_ttl_s > 0:
             raise ValueError(f"--key-table-ttl must be positive, got {self.key_table_ttl_s}")
 
     @property
     def on_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def uses_frontend_process(self) -> bool:
+        """`frontend_process` made concrete: auto = on CUDA."""
+        if self.frontend_process == "auto":
+            return self.on_cuda
+        return self.frontend_process == "on"
 
     @property
     def resolved_lora_backend(self) -> str:

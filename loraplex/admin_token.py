@@ -112,6 +112,14 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
+def engine_admin_check(admin_token: str) -> AdminTokenInterceptor:
+    """The interceptor that guards every EngineAdmin RPC of an engine's public port
+    ("" = loopback callers only)."""
+    return AdminTokenInterceptor(
+        "loraplex.v1.EngineAdmin", admin_token, rpcs="EngineAdmin", server="engine"
+    )
+
+
 def is_loopback(peer: str) -> bool:
     """True for a gRPC peer on this machine: 127.0.0.0/8, ::1 (also IPv4-mapped), or a
     unix socket."""

@@ -83,6 +83,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         cuda_graphs=not args.no_cuda_graphs,
         mixed_graph_tokens=args.mixed_graph_tokens,
         step_overlap=not args.no_step_overlap,
+        frontend_process=args.frontend_process,
         admin_token=args.admin_token,
         control_plane=args.control_plane,
         advertise=args.advertise,
@@ -259,6 +260,13 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="wait for each step before scheduling the next (by default, on CUDA, the "
         "next step is prepared and launched while the device runs the current one)",
+    )
+    serve.add_argument(
+        "--frontend-process",
+        choices=("auto", "on", "off"),
+        default=EngineConfig.frontend_process,
+        help="serve the public gRPC port from a front-end process of its own, so that "
+        "streaming to many clients does not slow the engine loop (auto: on CUDA)",
     )
     serve.add_argument(
         "--mixed-graph-tokens",

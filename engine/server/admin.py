@@ -2,11 +2,12 @@
 
 Load and evict are idempotent and say what happened, so the control plane's
 reconciler can push them blindly. Every call passes the admin token check both servers
-share (`admin_token_check`, installed on the gRPC server): with an admin token each
-call must carry `authorization: Bearer <admin token>`; without one, EngineAdmin is
-served to loopback callers only. LoadAdapter reads only under the engine's adapter
-roots, and refuses to read anything when none are configured; what the registry
-refuses leaves with its status from `engine.server.statuses`.
+share (`loraplex.admin_token.engine_admin_check`, on the gRPC server and on the front
+end's where there is one): with an admin token each call must carry
+`authorization: Bearer <admin token>`; without one, EngineAdmin is served to loopback
+callers only. LoadAdapter reads only under the engine's adapter roots, and refuses to
+read anything when none are configured; what the registry refuses leaves with its
+status from `engine.server.statuses`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,8 @@ from engine.formats.adapter_folder import require_roots
 from engine.lora.registry import AdapterRegistry, LoadedAdapter
 from engine.server.auth import ApiKeyTable
 from engine.server.statuses import Refused, translated
-from loraplex.admin_token import AdminTokenInterceptor
 from loraplex.v1 import engine_admin_pb2 as pb
 from loraplex.v1 import engine_admin_pb2_grpc
-
-
-def admin_token_check(admin_token: str) -> AdminTokenInterceptor:
-    """The interceptor that guards every EngineAdmin RPC ("" = loopback callers only)."""
-    service = pb.DESCRIPTOR.services_by_name["EngineAdmin"].full_name
-    return AdminTokenInterceptor(service, admin_token, rpcs="EngineAdmin", server="engine")
 
 
 class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):

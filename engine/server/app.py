@@ -41,15 +41,18 @@ from engine.model.llama import LlamaModel
 from engine.model.loader import load_model
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.server.admin import EngineAdminServicer, admin_token_check
+from engine.server.admin import EngineAdminServicer
 from engine.server.auth import ApiKeyTable, KeyMetrics
 from engine.server.control_link import ControlLinkConfig, run_control_link
+from engine.server.frontend_link import FrontendConfig
+from engine.server.frontend_process import FrontendProcess
 from engine.server.generation import GenerationService
 from engine.server.http_api import HttpApi
 from engine.server.inference import InferenceServicer
 from engine.server.probes import ServingState
 from engine.server.validation import RequestLimits
 from engine.tokenizer import Tokenizer
+from loraplex.admin_token import engine_admin_check
 from loraplex.metrics_http import serve_metrics
 from loraplex.v1 import engine_admin_pb2, engine_admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -358,15 +361,24 @@ async def serve(
         adapter_wait_s=config.adapter_wait_s,
     )
     server, state = _grpc_server(config, parts, service)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")  # raises if taken
+    # With a front end, this server is its EngineAdmin backend, on loopback only.
+    address = "127.0.0.1:0" if config.uses_frontend_process else f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)  # raises if taken
     stop_metrics = _start_metrics(config, parts)
     parts.engine.start()
+    http = frontend = None
     try:
         http = await _start_http(config, parts, service, state)  # raises OSError if taken
+        await server.start()
+        if config.uses_frontend_process:
+            frontend = await _start_frontend(config, service, state, port)  # OSError too
+            port = frontend.port
     except OSError:
+        if http is not None:
+            await http.stop()
+        await server.stop(grace=None)
         parts.engine.stop()
         raise
-    await server.start()
     await state.serving()
     log.info("engine serving on %s:%d", config.host, port)
     link = _start_control_link(config, parts, port)
@@ -387,6 +399,8 @@ async def serve(
             stop_metrics()
         if http is not None:
             await http.stop()
+        if frontend is not None:
+            await frontend.stop()
         await server.stop(grace=1)
         parts.engine.stop()
 
@@ -398,7 +412,7 @@ def _grpc_server(
     # gRPC shares a taken port by default (SO_REUSEPORT): a second engine would silently
     # split the traffic. Binding must fail instead.
     server = grpc.aio.server(
-        interceptors=[admin_token_check(config.admin_token)],
+        interceptors=[engine_admin_check(config.admin_token)],
         options=[("grpc.so_reuseport", 0)],
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
@@ -422,6 +436,25 @@ def _grpc_server(
     )
     reflection.enable_server_reflection(services, server)
     return server, ServingState(parts.engine, health_servicer)
+
+
+async def _start_frontend(
+    config: EngineConfig, service: GenerationService, state: ServingState, engine_port: int
+) -> FrontendProcess:
+    """The front-end process on the public port (raises OSError if it is taken); it
+    mirrors this engine's health from now on."""
+    frontend = await FrontendProcess.start(
+        FrontendConfig(
+            host=config.host,
+            port=config.port,
+            engine_target=f"127.0.0.1:{engine_port}",
+            admin_token=config.admin_token,
+        ),
+        service,
+    )
+    state.mirror = frontend.set_health
+    log.info("front-end process serving %s:%d", config.host, frontend.port)
+    return frontend
 
 
 def _start_metrics(config: EngineConfig, parts: EngineParts) -> Callable[[], None] | None:

@@ -15,6 +15,7 @@ as gRPC health (per service name) and as the HTTP API's `/health` and `/ready`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 from grpc_health.v1 import health, health_pb2
@@ -43,26 +44,36 @@ class ServingState:
         self._engine = engine
         self._health = health_servicer
         self.phase = Phase.STARTING
+        # Told each change too: (service, serving), service None = all down for good.
+        # The front end's public port reports health this way (engine.server.frontend).
+        self.mirror: Callable[[str | None, bool], None] | None = None
 
     async def serving(self) -> None:
         self.phase = Phase.SERVING
         for name in ("", INFERENCE_SERVICE, ADMIN_SERVICE, LIVENESS_SERVICE):
-            await self._health.set(name, _SERVING)
+            await self._set(name, serving=True)
 
     async def draining(self) -> None:
         self.phase = Phase.DRAINING
         for name in ("", INFERENCE_SERVICE):
-            await self._health.set(name, _NOT_SERVING)
+            await self._set(name, serving=False)
 
     async def engine_stopped(self) -> None:
         """The engine loop thread has died: neither ready nor alive any more."""
         for name in ("", INFERENCE_SERVICE, LIVENESS_SERVICE):
-            await self._health.set(name, _NOT_SERVING)
+            await self._set(name, serving=False)
 
     async def stopped(self) -> None:
         """The server is going away: every service NOT_SERVING, for good."""
         self.phase = Phase.STOPPED
         await self._health.enter_graceful_shutdown()
+        if self.mirror is not None:
+            self.mirror(None, False)
+
+    async def _set(self, name: str, serving: bool) -> None:
+        await self._health.set(name, _SERVING if serving else _NOT_SERVING)
+        if self.mirror is not None:
+            self.mirror(name, serving)
 
     def liveness(self) -> tuple[bool, str]:
         """(alive, why): answered on the event loop, so answering proves it runs."""

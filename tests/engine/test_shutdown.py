@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
@@ -22,12 +23,13 @@ def _request(max_new_tokens: int) -> inference_pb2.GenerateRequest:
     )
 
 
-def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(tiny_llama31_path):
+@pytest.mark.parametrize("frontend", ["off", "on"])  # on: the public port is another process's
+def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(tiny_llama31_path, frontend):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "loraplex.cli", "engine", "serve", "--model",
          str(tiny_llama31_path), "--device", "cpu", "--port", str(port),
-         "--kv-cache-tokens", "2048", "--shutdown-grace", "60"],
+         "--kv-cache-tokens", "2048", "--shutdown-grace", "60", "--frontend-process", frontend],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
