@@ -11,8 +11,11 @@ Each `schedule()` call decides what the next model step computes, in this order:
 3. Admission (skipped in a step that had to preempt), in this order:
    a. overdue sequences, the longest-waiting first (see "Waiting bound");
    b. ready sequences, base-model ones and those whose adapter already sits in a
-      slot: the tenant with the fewest running sequences first, then arrival (a
-      preempted sequence keeps its arrival).
+      slot: the tenant with the fewest running sequences first, then those whose
+      adapter already has requests running, then arrival (a preempted sequence keeps
+      its arrival). An adapter holds its slot until its last request ends, so its
+      requests are admitted together: split across admission waves, a few late ones
+      would pin the slot, and keep other adapters out, for a whole generation.
    It stops at the first sequence whose KV blocks do not fit (a long prompt is not
    overtaken for ever), at `max_num_seqs`, or when the prompt budget is spent. A
    sequence whose adapter is in no slot is never admitted: step 4 places its adapter
@@ -271,18 +274,25 @@ class Scheduler:
 
         ready: list[str | None] = [None]
         ready += [a for a in self.slots.resident() if a != self._draining and self._is_ready(a)]
-        # Heap of each ready queue's head by (running of its tenant, arrival). Tenant
-        # counts only grow while admitting, so a stale key is fixed when it surfaces.
+
+        def key(seq: Sequence) -> tuple[int, bool]:
+            """(running of its tenant, adapter not running yet): smaller goes first."""
+            started = seq.adapter_id is None or self.slots.num_requests(seq.adapter_id) > 0
+            return running_per_tenant[seq.tenant], not started
+
+        # Heap of each ready queue's head by (key, arrival). Keys only grow while
+        # admitting but for the adapter's own, so a stale key is fixed when it
+        # surfaces, and the next head of an adapter just admitted is pushed anew.
         heap = [
-            (running_per_tenant[head.tenant], head.arrival, head)
+            (key(head), head.arrival, head)
             for adapter_id in ready
             for head in self._waiting.heads_for(adapter_id)
         ]
         heapq.heapify(heap)
         while heap:
-            key, arrival, seq = heapq.heappop(heap)
-            if key != running_per_tenant[seq.tenant]:
-                heapq.heappush(heap, (running_per_tenant[seq.tenant], arrival, seq))
+            seq_key, arrival, seq = heapq.heappop(heap)
+            if seq_key != key(seq):
+                heapq.heappush(heap, (key(seq), arrival, seq))
                 continue
             n = self._try_admit(seq, budget, batch)
             if n == 0:
@@ -291,7 +301,7 @@ class Scheduler:
             running_per_tenant[seq.tenant] += 1
             after = self._waiting.head(seq.adapter_id, seq.tenant)
             if after is not None:
-                heapq.heappush(heap, (running_per_tenant[after.tenant], after.arrival, after))
+                heapq.heappush(heap, (key(after), after.arrival, after))
 
     def _try_admit(self, seq: Sequence, budget: int, batch: list[ScheduledSeq]) -> int:
         """Admits a ready waiting seq with its first chunk; returns the chunk's tokens,

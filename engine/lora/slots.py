@@ -57,6 +57,10 @@ class AdapterSlots:
         self._refcount[adapter_id] += 1
         return slot, needs_load
 
+    def num_requests(self, adapter_id: str) -> int:
+        """Requests in flight on `adapter_id` (0 if it sits in no slot)."""
+        return self._refcount.get(adapter_id, 0)
+
     def pinned(self) -> dict[str, int]:
         """Adapters with requests in flight, and how many requests each."""
         return {a: n for a, n in self._refcount.items() if n > 0}
