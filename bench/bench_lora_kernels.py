@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels import add_lora, build_meta, choose_form, lora_expand, lora_shrink  # noqa: E402
+from engine.kernels.lora_ops import new_scratch  # noqa: E402
 
 HBM_BYTES_PER_S = 4.2e12
 HIDDEN, Q, KV, INTERMEDIATE = 4096, 4096, 1024, 14336
@@ -101,7 +102,7 @@ def run_case(scenario: str, group: str, rank: int, r_max: int, warmup: int, rep:
     lora_b[:, :, :rank] = torch.randn_like(lora_b[:, :, :rank]) / rank**0.5
     out = torch.randn(num_tokens, total_out, device=dev, dtype=dt)  # [T, total_out] bf16
     meta = build_meta(token_slots, [rank] * num_slots, dev)
-    h = torch.zeros(num_tokens, n_slices, r_max, device=dev, dtype=torch.float32)
+    h = new_scratch(num_tokens, n_slices, r_max, dev)  # [MAX_SPLIT_K, T, n_slices, r_max] f32
 
     elt = x.element_size()
     adapters = len(set(token_slots))
@@ -125,8 +126,10 @@ def run_case(scenario: str, group: str, rank: int, r_max: int, warmup: int, rep:
         row[f"{form}_shrink_us"] = graph_us(
             lambda f=form: lora_shrink(x, lora_a, meta, f, h=h), warmup, rep
         )
+        # The expand reads the split planes this form's shrink writes.
+        planes = lora_shrink(x, lora_a, meta, form, h=h)
         row[f"{form}_expand_us"] = graph_us(
-            lambda f=form: lora_expand(h, lora_b, out, offsets, meta, f), warmup, rep
+            lambda f=form, hp=planes: lora_expand(hp, lora_b, out, offsets, meta, f), warmup, rep
         )
         row[f"{form}_us"] = graph_us(
             lambda f=form: add_lora(x, lora_a, lora_b, out, offsets, meta, form=f, h=h),

@@ -6,6 +6,10 @@ nothing is padded to a tile of tokens. Programs walk tokens in `sorted_token_ids
 so tokens sharing an adapter run side by side and share its rows through L2; tokens with
 slot -1 sort last and return at once. The grid depends only on T and the shapes (plus
 the batch's max rank), which keeps it stable from step to step for CUDA graphs.
+
+At small batches the shrink splits its reduction over `in` to fill the GPU: each split
+stores its partial sums into its own plane of h, and the expand loads every plane of
+a token's rank vector in one masked load and adds them up, so h is never zero-filled.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.lora_ops import MAX_SPLIT_K
 from engine.kernels.meta import LoraKernelMeta
 from engine.kernels.triton_common import (
     LaunchConfig,
@@ -35,8 +40,8 @@ def _bgmv_shrink_kernel(
     in_features, r_eff, n_rows, k_per_split,
     stride_xt, stride_xk,
     stride_as, stride_ai, stride_ar, stride_ak,
-    stride_ht, stride_hi, stride_hr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ATOMIC: tl.constexpr,
+    stride_hp, stride_ht, stride_hi, stride_hr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tok = tl.load(sorted_ids_ptr + tl.program_id(0)).to(tl.int64)
     slot = tl.load(token_slots_ptr + tok).to(tl.int64)
@@ -65,22 +70,22 @@ def _bgmv_shrink_kernel(
         )  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(at.to(tl.float32) * xk[None, :], axis=1)
 
-    h_ptrs = h_ptr + tok * stride_ht + sl * stride_hi + j * stride_hr
-    if USE_ATOMIC:
-        tl.atomic_add(h_ptrs, acc, mask=n_mask, sem="relaxed")
-    else:
-        tl.store(h_ptrs, acc, mask=n_mask)
+    # Split k owns plane k of h: a plain store, no atomics and no zero-fill beforehand.
+    h_plane = h_ptr + tl.program_id(2).to(tl.int64) * stride_hp
+    tl.store(h_plane + tok * stride_ht + sl * stride_hi + j * stride_hr, acc, mask=n_mask)
 
 
-@triton.jit
+# `num_splits` follows the batch size: not specialised on, so it compiles no variants.
+@triton.jit(do_not_specialize=["num_splits"])
 def _bgmv_expand_kernel(
     h_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, token_slots_ptr, slot_ranks_ptr,
-    total_out, o0, o1, o2, o3, o4,
-    stride_ht, stride_hi, stride_hr,
+    total_out, o0, o1, o2, o3, o4, num_splits,
+    stride_hp, stride_ht, stride_hi, stride_hr,
     stride_bs, stride_bn, stride_br,
     stride_ot, stride_on,
     N_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,
 ):  # fmt: skip
     tok = tl.load(sorted_ids_ptr + tl.program_id(0)).to(tl.int64)
     slot = tl.load(token_slots_ptr + tok).to(tl.int64)
@@ -94,13 +99,18 @@ def _bgmv_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     b_tile = b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    # All split planes of the token's rank vector in one load, [SPLIT_PAD, BLOCK_R]: the
+    # loads of the planes overlap rather than queue one after another.
+    offs_p = tl.arange(0, SPLIT_PAD)
+    h_tok = h_ptr + tok * stride_ht + offs_p[:, None] * stride_hp + offs_r[None, :] * stride_hr
+    h_mask = (offs_p < num_splits)[:, None] & r_mask[None, :]
 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # A block of columns may straddle slices: each slice it touches adds its own part.
     for i in tl.static_range(N_SLICES):
         lo, hi = slice_bounds(i, o0, o1, o2, o3, o4)
         if (lo < n0 + BLOCK_N) & (hi > n0):
-            hr = tl.load(h_ptr + tok * stride_ht + i * stride_hi + offs_r * stride_hr, mask=r_mask)
+            hr = tl.sum(tl.load(h_tok + i * stride_hi, mask=h_mask, other=0.0), axis=0)
             cols = (offs_n >= lo) & (offs_n < hi)
             bt = tl.load(b_tile, mask=cols[:, None] & r_mask[None, :], other=0.0)  # [N, R]
             acc += tl.sum(bt.to(tl.float32) * hr[None, :], axis=1)
@@ -140,13 +150,14 @@ def bgmv_shrink(
     h: torch.Tensor,
     meta: LoraKernelMeta,
     config: LaunchConfig | None = None,
-) -> None:
-    """Write `h[t, i, :r] = x[t] @ lora_a[s, i, :r].T` for every token with a slot.
+) -> torch.Tensor:
+    """Write planes of h that add up to `x[t] @ lora_a[s, i, :r].T` for every token with a
+    slot, and return them.
 
     Same tensors and contract as `sgmv_shrink`.
     """
     if meta.num_active == 0 or meta.max_rank == 0:
-        return
+        return h[:1]
     _, n_slices, _, in_features = lora_a.shape
     cfg = config or cached_config(
         meta,
@@ -155,8 +166,8 @@ def bgmv_shrink(
     )
     n_rows = n_slices * meta.max_rank
     split_k = cfg.splits(in_features)
-    if split_k > 1:
-        h.zero_()  # the splits accumulate with atomics
+    if split_k > h.shape[0]:
+        raise ValueError(f"the shrink splits {split_k} ways but h has {h.shape[0]} planes")
     # Tokens past num_active have no slot; the grid still covers them so its size only
     # depends on T, not on how many tokens carry an adapter.
     grid = (meta.num_tokens, cdiv(n_rows, cfg.block_n), split_k)
@@ -167,9 +178,10 @@ def bgmv_shrink(
         x.stride(0), x.stride(1),
         *lora_a.stride(),
         *h.stride(),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ATOMIC=split_k > 1,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if x.is_cuda else 1,
     )  # fmt: skip
+    return h[:split_k]
 
 
 def bgmv_expand(
@@ -180,7 +192,7 @@ def bgmv_expand(
     meta: LoraKernelMeta,
     config: LaunchConfig | None = None,
 ) -> None:
-    """`out[t, o_i:o_{i+1}] += h[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T`, in place.
+    """`out[t, o_i:o_{i+1}] += h.sum(0)[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T`, in place.
 
     Same tensors and contract as `sgmv_expand`.
     """
@@ -190,14 +202,17 @@ def bgmv_expand(
     cfg = config or cached_config(
         meta, ("bgmv_expand", total_out, out.dtype, out.device), lambda: expand_config(out, meta)
     )
+    num_splits = h.shape[0]
     grid = (meta.num_tokens, cdiv(total_out, cfg.block_n))
     _bgmv_expand_kernel[grid](
         h, lora_b, out,
         meta.sorted_token_ids, meta.token_slots, meta.slot_ranks,
-        total_out, *padded_offsets(slice_offsets),
+        total_out, *padded_offsets(slice_offsets), num_splits,
         *h.stride(),
         *lora_b.stride(),
         out.stride(0), out.stride(1),
         N_SLICES=len(slice_offsets) - 1, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
+        # Two variants only, whatever the split count: unsplit, or room for the most.
+        SPLIT_PAD=1 if num_splits == 1 else MAX_SPLIT_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if out.is_cuda else 1,
     )  # fmt: skip

@@ -8,6 +8,12 @@ Backends: "triton" (CUDA tensors, or CPU tensors under the Triton interpreter) a
 "torch" (the reference in `engine.kernels.reference`, used by the engine on the CPU).
 Forms (Triton only, same math): "sgmv" tiles segments of tokens that share an adapter,
 "bgmv" gives every token its own program. `choose_form` picks one per step.
+
+The shrink's output h is float32 `[splits, T, n_slices, r_max]`: a Triton shrink may split
+its reduction over `in` across programs, each writing its partial sums into its own
+plane, and the expand adds the planes up as it reads them. No launch zero-fills h first
+(a memset per group and layer otherwise). The shrink returns the planes it wrote, and
+`add_lora` hands exactly that view to the expand, so both always agree on the count.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ Backend = Literal["triton", "torch"]
 # prefill: SGMV 44-180 vs BGMV 260-1310.
 SGMV_MIN_AVG_SEGMENT = 3  # tokens per adapter, on average over the batch
 SGMV_LONG_SEGMENT = 128  # one prefill chunk this long outweighs many lone tokens
+# Most planes (reduction splits) one shrink writes: the launch heuristics never choose
+# more, so a scratch h of this many planes serves every shrink.
+MAX_SPLIT_K = 16
 
 
 def triton_available() -> bool:
@@ -80,9 +89,18 @@ def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraKernelMeta) -
         raise ValueError(f"a slot has rank {meta.max_rank} > r_max {lora_a.shape[2]}")
 
 
+def new_scratch(
+    num_tokens: int, n_slices: int, r_max: int, device: torch.device | str
+) -> torch.Tensor:
+    """An uninitialised scratch h for `lora_shrink` / `add_lora`: `[MAX_SPLIT_K, T,
+    n_slices, r_max]` float32 (its contents never matter: no launch reads stale data)."""
+    return torch.empty(MAX_SPLIT_K, num_tokens, n_slices, r_max, dtype=torch.float32, device=device)
+
+
 def _check_h(h: torch.Tensor, num_tokens: int, n_slices: int, r_max: int) -> None:
-    if h.shape != (num_tokens, n_slices, r_max) or h.dtype != torch.float32:
-        raise ValueError(f"h must be [{num_tokens}, {n_slices}, {r_max}] float32, got {h.shape}")
+    want = (MAX_SPLIT_K, num_tokens, n_slices, r_max)
+    if h.shape != want or h.dtype != torch.float32:
+        raise ValueError(f"h must be {list(want)} float32, got {tuple(h.shape)} {h.dtype}")
 
 
 def _check_expand(
@@ -92,15 +110,17 @@ def _check_expand(
     slice_offsets: Sequence[int],
     meta: LoraKernelMeta,
 ) -> None:
-    if h.dim() != 3 or lora_b.dim() != 3 or out.dim() != 2 or h.dtype != torch.float32:
-        raise ValueError("expected h [T, n_slices, r_max] float32, lora_b 3-D and out 2-D")
-    if h.shape[0] != meta.num_tokens or out.shape[0] != meta.num_tokens:
+    if h.dim() != 4 or lora_b.dim() != 3 or out.dim() != 2 or h.dtype != torch.float32:
+        raise ValueError("expected h [splits, T, n_slices, r_max] float32, lora_b 3-D, out 2-D")
+    if not 1 <= h.shape[0] <= MAX_SPLIT_K:
+        raise ValueError(f"h has {h.shape[0]} planes, expected 1 to {MAX_SPLIT_K}")
+    if h.shape[1] != meta.num_tokens or out.shape[0] != meta.num_tokens:
         raise ValueError(f"h {tuple(h.shape)} / out {tuple(out.shape)} vs {meta.num_tokens} tokens")
     if lora_b.shape[0] != meta.num_slots or lora_b.shape[1] != out.shape[1]:
         raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match out {tuple(out.shape)}")
-    if lora_b.shape[2] != h.shape[2] or lora_b.dtype != out.dtype:
+    if lora_b.shape[2] != h.shape[3] or lora_b.dtype != out.dtype:
         raise ValueError(f"lora_b {tuple(lora_b.shape)} {lora_b.dtype} vs h/out")
-    _check_slices(slice_offsets, h.shape[1], out.shape[1])
+    _check_slices(slice_offsets, h.shape[2], out.shape[1])
 
 
 def lora_shrink(
@@ -112,21 +132,27 @@ def lora_shrink(
     backend: Backend = "triton",
     h: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return h `[T, n_slices, r_max]` float32 with `h[t, i, :r] = x[t] @ lora_a[s, i, :r].T`.
+    """Return h `[splits, T, n_slices, r_max]` float32, planes that add up to the product:
+    `h.sum(0)[t, i, :r] = x[t] @ lora_a[s, i, :r].T`.
 
     x `[T, in]` and lora_a `[S, n_slices, r_max, in]` share dtype and device; s and r are
     token t's slot and that slot's rank. Only those entries are defined: the rest of h
     (ranks beyond r, tokens with slot -1) is unspecified and never read by `lora_expand`.
-    Pass `h` to reuse a buffer across layers. `form` None means `choose_form(meta)`.
+    `splits` (1 to `MAX_SPLIT_K`; always 1 for the torch backend) is how many ways the
+    launch split its reduction; pass the returned h to `lora_expand` as it is. `h` is an
+    optional scratch of `MAX_SPLIT_K` planes (`new_scratch`), reused across layers;
+    the result is a view of its leading planes. `form` None means `choose_form(meta)`.
     """
     _check_shrink(x, lora_a, meta)
     num_tokens = x.shape[0]
     _, n_slices, r_max, _ = lora_a.shape
+    if h is not None:
+        _check_h(h, num_tokens, n_slices, r_max)
     if backend == "torch":
         if h is None:
-            h = torch.zeros(num_tokens, n_slices, r_max, dtype=torch.float32, device=x.device)
-        _check_h(h, num_tokens, n_slices, r_max)
-        return reference.shrink_ref(x, lora_a, meta, h)
+            h = torch.zeros(1, num_tokens, n_slices, r_max, dtype=torch.float32, device=x.device)
+        reference.shrink_ref(x, lora_a, meta, h[0])
+        return h[:1]
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'torch'")
     form = form or choose_form(meta)
@@ -137,10 +163,8 @@ def lora_shrink(
     else:
         raise ValueError(f"unknown form {form!r}: expected 'sgmv' or 'bgmv'")
     if h is None:
-        h = torch.empty(num_tokens, n_slices, r_max, dtype=torch.float32, device=x.device)
-    _check_h(h, num_tokens, n_slices, r_max)
-    launch(x, lora_a, h, meta)
-    return h
+        h = new_scratch(num_tokens, n_slices, r_max, x.device)
+    return launch(x, lora_a, h, meta)
 
 
 def lora_expand(
@@ -153,16 +177,18 @@ def lora_expand(
     *,
     backend: Backend = "triton",
 ) -> None:
-    """`out[t, o_i:o_{i+1}] += h[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T` in place.
+    """`out[t, o_i:o_{i+1}] += h.sum(0)[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T` in place.
 
-    h `[T, n_slices, r_max]` float32 from `lora_shrink`; lora_b `[S, total_out, r_max]`
+    h `[splits, T, n_slices, r_max]` float32 as `lora_shrink` returns it (the planes are
+    added up in float32 as they are read); lora_b `[S, total_out, r_max]`
     with scaling folded in; out `[T, total_out]` in lora_b's dtype; `slice_offsets` has
     n_slices + 1 entries from 0 to total_out. The sum is formed in float32 and rounded
     once to out's dtype. Rows of tokens with slot -1 are neither read nor written.
     """
     _check_expand(h, lora_b, out, slice_offsets, meta)
     if backend == "torch":
-        reference.expand_ref(h, lora_b, out, slice_offsets, meta)
+        planes = h[0] if h.shape[0] == 1 else h.sum(0)  # [T, n_slices, r_max] f32
+        reference.expand_ref(planes, lora_b, out, slice_offsets, meta)
         return
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'torch'")
@@ -195,7 +221,8 @@ def add_lora(
 
     `out[t, o_i:o_{i+1}] += (x[t] @ A[s, i, :r].T) @ B[s, o_i:o_{i+1}, :r].T` for each
     token t with slot s (rank r); rows of tokens with slot -1 stay bit-identical.
-    Shapes as in `lora_shrink` / `lora_expand`; `h` is an optional scratch buffer.
+    Shapes as in `lora_shrink` / `lora_expand`; `h` is an optional scratch of
+    `MAX_SPLIT_K` planes (`new_scratch`), used by the Triton backend only.
     """
     if meta.num_active == 0:
         return

@@ -8,6 +8,10 @@ batch), so each adapter's A and B tiles are read once per token tile and fed to
 tensor-core `tl.dot`s. Rank rows at or beyond a slot's rank are masked off (never
 loaded), and segments only exist for tokens with a slot, so tokens with slot -1 cost
 nothing.
+
+When the token tiles alone leave SMs idle, the shrink splits its reduction over `in`:
+each split stores its partial sums into its own plane of h (no atomics, so h needs no
+zero-fill first), and the expand adds the planes up as it loads each h tile.
 """
 
 from __future__ import annotations
@@ -53,16 +57,16 @@ def _tile_segment(
 
 # Ints that change from step to step are not specialised on: else each new value class
 # (1, a multiple of 16, other) compiles another variant while requests wait.
-@triton.jit(do_not_specialize=['num_segments', 'num_splits'])
+@triton.jit(do_not_specialize=["num_segments", "num_splits"])
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     sorted_ids_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, num_segments,
     in_features, r_eff, n_rows, num_splits, k_per_split,
     stride_xt, stride_xk,
     stride_as, stride_ai, stride_ar, stride_ak,
-    stride_ht, stride_hi, stride_hr,
+    stride_hp, stride_ht, stride_hi, stride_hr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, SEG_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SEG_PAD: tl.constexpr,
 ):  # fmt: skip
     # Axis 0 (fastest) walks the rank blocks and K splits of one token block, so the
     # programs that re-read that block of x run together and hit it in L2.
@@ -105,22 +109,20 @@ def _sgmv_shrink_kernel(
         )  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
 
-    h_ptrs = h_ptr + tok[:, None] * stride_ht + sl[None, :] * stride_hi + j[None, :] * stride_hr
-    mask = m_mask[:, None] & n_mask[None, :]
-    if USE_ATOMIC:
-        tl.atomic_add(h_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(h_ptrs, acc, mask=mask)
+    # Split k owns plane k of h: a plain store, no atomics and no zero-fill beforehand.
+    h_plane = h_ptr + pid_k.to(tl.int64) * stride_hp
+    h_ptrs = h_plane + tok[:, None] * stride_ht + sl[None, :] * stride_hi + j[None, :] * stride_hr
+    tl.store(h_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Ints that change from step to step are not specialised on: else each new value class
 # (1, a multiple of 16, other) compiles another variant while requests wait.
-@triton.jit(do_not_specialize=['num_segments'])
+@triton.jit(do_not_specialize=["num_segments", "num_splits"])
 def _sgmv_expand_kernel(
     h_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, num_segments,
-    total_out, o0, o1, o2, o3, o4,
-    stride_ht, stride_hi, stride_hr,
+    total_out, o0, o1, o2, o3, o4, num_splits,
+    stride_hp, stride_ht, stride_hi, stride_hr,
     stride_bs, stride_bn, stride_br,
     stride_ot, stride_on,
     N_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -145,6 +147,8 @@ def _sgmv_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     b_tile = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+    h_tile = h_ptr + tok[:, None] * stride_ht + offs_r[None, :] * stride_hr  # plane 0
+    h_mask = m_mask[:, None] & r_mask[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # A block of columns may straddle slices (sizes need not be multiples of BLOCK_N):
@@ -152,11 +156,10 @@ def _sgmv_expand_kernel(
     for i in tl.static_range(N_SLICES):
         lo, hi = slice_bounds(i, o0, o1, o2, o3, o4)
         if (lo < n0 + BLOCK_N) & (hi > n0):
-            ht = tl.load(
-                h_ptr + tok[:, None] * stride_ht + i * stride_hi + offs_r[None, :] * stride_hr,
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_M, BLOCK_R] f32
+            ht = tl.load(h_tile + i * stride_hi, mask=h_mask, other=0.0)  # [BLOCK_M, BLOCK_R] f32
+            # The planes of a split-K shrink add up to h (none past plane 0 when unsplit).
+            for p in range(1, num_splits):
+                ht += tl.load(h_tile + p * stride_hp + i * stride_hi, mask=h_mask, other=0.0)
             cols = (offs_n >= lo) & (offs_n < hi)
             bt = tl.load(b_tile, mask=r_mask[:, None] & cols[None, :], other=0.0)  # [R, N]
             acc = tl.dot(ht.to(bt.dtype), bt, acc, input_precision=DOT_PRECISION)
@@ -223,15 +226,21 @@ def sgmv_shrink(
     h: torch.Tensor,
     meta: LoraKernelMeta,
     config: LaunchConfig | None = None,
-) -> None:
-    """Write `h[t, i, :r] = x[t] @ lora_a[s, i, :r].T` for the tokens of every segment.
+) -> torch.Tensor:
+    """Write planes of h that add up to `x[t] @ lora_a[s, i, :r].T` for the tokens of
+    every segment, and return them: `h[:splits]`, where split k of the reduction over
+    `in` stores its partial sums into plane k (`h[:splits].sum(0)[t, i, :r]` is the
+    product).
 
-    x `[T, in]`, lora_a `[S, n_slices, r_max, in]` (same dtype), h `[T, n_slices, r_max]`
-    float32; other entries of h are unspecified afterwards (a split-K launch zeroes h
-    first). `config` overrides the heuristic tiles (for tuning).
+    x `[T, in]`, lora_a `[S, n_slices, r_max, in]` (same dtype), h `[planes, T, n_slices,
+    r_max]` float32 with at least as many planes as the launch splits (`MAX_SPLIT_K`
+    always suffices; ValueError otherwise). Only entries `[:splits, t, i, :r]` of tokens
+    with a slot are written; all other entries, and every entry of the planes past
+    `splits`, keep whatever they held (no launch zero-fills h, none needs it zeroed).
+    `config` overrides the heuristic tiles (for tuning).
     """
     if meta.num_segments == 0 or meta.max_rank == 0:
-        return
+        return h[:1]
     _, n_slices, _, in_features = lora_a.shape
     cfg = config or cached_config(
         meta,
@@ -240,8 +249,8 @@ def sgmv_shrink(
     )
     n_rows = n_slices * meta.max_rank
     split_k = cfg.splits(in_features)
-    if split_k > 1:
-        h.zero_()  # the splits accumulate with atomics
+    if split_k > h.shape[0]:
+        raise ValueError(f"the shrink splits {split_k} ways but h has {h.shape[0]} planes")
     grid = (cdiv(n_rows, cfg.block_n) * split_k, num_tiles(meta, cfg.block_m))
     _sgmv_shrink_kernel[grid](
         x, lora_a, h,
@@ -251,10 +260,11 @@ def sgmv_shrink(
         x.stride(0), x.stride(1),
         *lora_a.stride(),
         *h.stride(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_ATOMIC=split_k > 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype), SEG_PAD=seg_pad(meta),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if x.is_cuda else 1,
     )  # fmt: skip
+    return h[:split_k]
 
 
 def sgmv_expand(
@@ -265,10 +275,12 @@ def sgmv_expand(
     meta: LoraKernelMeta,
     config: LaunchConfig | None = None,
 ) -> None:
-    """`out[t, o_i:o_{i+1}] += h[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T`, in place.
+    """`out[t, o_i:o_{i+1}] += h.sum(0)[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T`, in place.
 
-    h `[T, n_slices, r_max]` float32, lora_b `[S, total_out, r_max]`, out `[T, total_out]`
-    (same dtype as lora_b). Only the rows of tokens with a slot are read or written.
+    h `[splits, T, n_slices, r_max]` float32 as the shrink returned it (its planes are
+    added up in float32 as they are loaded), lora_b `[S, total_out, r_max]`, out
+    `[T, total_out]` (same dtype as lora_b). Only the rows of tokens with a slot are
+    read or written, and of h only entries `[:, t, i, :r]`.
     """
     if meta.num_segments == 0 or meta.max_rank == 0:
         return
@@ -280,7 +292,7 @@ def sgmv_expand(
     _sgmv_expand_kernel[grid](
         h, lora_b, out,
         meta.sorted_token_ids, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
-        meta.num_segments, total_out, *padded_offsets(slice_offsets),
+        meta.num_segments, total_out, *padded_offsets(slice_offsets), h.shape[0],
         *h.stride(),
         *lora_b.stride(),
         out.stride(0), out.stride(1),

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.lora_ops import MAX_SPLIT_K
 from engine.kernels.meta import MAX_SLICES, LoraKernelMeta
 
 
@@ -67,7 +68,9 @@ class LaunchConfig:
     block_m: tokens per program (SGMV; BGMV programs serve one token). block_n: output
     rows per program ((slice, rank) rows for a shrink, columns for an expand). block_k:
     reduction block (over `in` for a shrink, over the rank for an expand). split_k:
-    programs sharing one shrink reduction, which then accumulate into h with atomics.
+    programs sharing one shrink reduction (at most `MAX_SPLIT_K`); each writes its
+    partial sums with plain stores into its own plane of h, and the expand adds the
+    planes up, so h needs no zero-fill.
     """
 
     block_m: int
@@ -76,6 +79,10 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"split_k must be in [1, {MAX_SPLIT_K}], got {self.split_k}")
 
     def k_per_split(self, in_features: int) -> int:
         """Width of `in` one split covers: a whole number of K blocks."""
@@ -120,8 +127,9 @@ def split_k_for(
     """Split the reduction over `in` when the other grid axes leave SMs idle.
 
     Aims at `waves` programs per SM and keeps at least `min_k_blocks` K-blocks per split.
+    Never more than `MAX_SPLIT_K` splits: the h scratch has that many planes.
     """
     # Round down: a launch a little under the target beat one a little over in the sweep.
     want = waves * sm_count(device) // max(programs, 1)
     most = max(1, cdiv(in_features, min_k_blocks * block_k))
-    return max(1, min(want, most))
+    return max(1, min(want, most, MAX_SPLIT_K))

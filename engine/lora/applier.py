@@ -8,11 +8,19 @@ once here, so the per-layer cost is the kernel launches alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from engine.kernels.lora_ops import Backend, Form, add_lora, choose_form, default_backend
+from engine.kernels.lora_ops import (
+    MAX_SPLIT_K,
+    Backend,
+    Form,
+    add_lora,
+    choose_form,
+    default_backend,
+)
 from engine.kernels.meta import LoraKernelMeta, build_meta
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.lora_hook import PROJECTION_GROUPS
@@ -57,9 +65,12 @@ class MultiLoraApplier:
         self.form: Form = form
         self._h: torch.Tensor | None = None
         if self.meta.num_active and self.backend != "torch":
-            # One float32 scratch for the shrink output, shared by every layer and group.
+            # One float32 scratch for the shrink output, shared by every layer and group:
+            # `MAX_SPLIT_K` planes (a split-K shrink writes one per split, and never
+            # more), each `[num_tokens, n_slices, max_rank]` for the widest group. Never
+            # zero-filled: the kernels only read entries they wrote in the same group.
             self._h = torch.empty(
-                self.meta.num_tokens * _MAX_GROUP_SLICES * pool.max_rank,
+                MAX_SPLIT_K * self.meta.num_tokens * _MAX_GROUP_SLICES * pool.max_rank,
                 dtype=torch.float32,
                 device=pool.device,
             )
@@ -75,9 +86,8 @@ class MultiLoraApplier:
         lora_a, lora_b = self.pool.layer_weights(layer, group)
         h = None
         if self._h is not None:
-            n_slices = lora_a.shape[1]
-            size = self.meta.num_tokens * n_slices * self.pool.max_rank
-            h = self._h[:size].view(self.meta.num_tokens, n_slices, self.pool.max_rank)
+            shape = (MAX_SPLIT_K, self.meta.num_tokens, lora_a.shape[1], self.pool.max_rank)
+            h = self._h[: math.prod(shape)].view(shape)
         add_lora(
             x,
             lora_a,

@@ -26,6 +26,7 @@ from engine.kernels import (  # noqa: E402
     lora_expand,
     lora_shrink,
 )
+from engine.kernels.lora_ops import MAX_SPLIT_K, new_scratch  # noqa: E402
 from engine.kernels.reference import add_lora_ref, expand_ref, shrink_ref  # noqa: E402
 from tests.triton_skip import triton_skip_reason  # noqa: E402
 
@@ -230,19 +231,29 @@ def test_reference_matches_dense(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_shrink_kernel(case: Case, form: str) -> None:
     p = make_problem(case)
-    h = lora_shrink(p.x, p.lora_a, p.meta, form)  # type: ignore[arg-type]
+    h = lora_shrink(p.x, p.lora_a, p.meta, form).sum(0)  # type: ignore[arg-type]
     assert_h_close(h, p)
     h_ref = lora_shrink(p.x, p.lora_a, p.meta, backend="torch")
-    torch.testing.assert_close(h[p.h_valid.to(DEVICE)], h_ref[p.h_valid.to(DEVICE)])
+    assert h_ref.shape[0] == 1
+    valid = p.h_valid.to(DEVICE)
+    torch.testing.assert_close(h[valid], h_ref[0][valid])
+
+
+def split_planes(h: torch.Tensor, planes: int, seed: int = 0) -> torch.Tensor:
+    """`[planes, *h.shape]` random planes that add up to h (all of h when planes is 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    rest = torch.randn(planes - 1, *h.shape, generator=gen, dtype=h.dtype)
+    return torch.cat([(h - rest.sum(0))[None], rest])
 
 
 @needs_triton
+@pytest.mark.parametrize("planes", [1, 3])
 @pytest.mark.parametrize("form", ["sgmv", "bgmv"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_expand_kernel(case: Case, form: str) -> None:
+def test_expand_kernel(case: Case, form: str, planes: int) -> None:
     p = make_problem(case)
-    # Feed the exact h with NaN wherever lora_shrink leaves h unspecified.
-    h = torch.where(p.h_valid, p.h_dense, NAN).float().to(DEVICE)
+    # Feed the exact h, as split planes, with NaN wherever lora_shrink leaves h unspecified.
+    h = torch.where(p.h_valid, split_planes(p.h_dense, planes), NAN).float().to(DEVICE)
     before = p.out.clone()
     out = p.out.clone()
     lora_expand(h, p.lora_b, out, case.offsets, p.meta, form)  # type: ignore[arg-type]
@@ -258,9 +269,8 @@ def test_expand_kernel(case: Case, form: str) -> None:
 def test_add_lora_end_to_end(case: Case, form: str | None) -> None:
     p = make_problem(case, seed=7)
     # A reused scratch buffer full of stale values must not leak into the result.
-    scratch = torch.full(
-        (len(case.token_slots), len(case.slice_sizes), case.r_max), NAN, device=DEVICE
-    )
+    scratch = new_scratch(len(case.token_slots), len(case.slice_sizes), case.r_max, DEVICE)
+    scratch.fill_(NAN)
     before = p.out.clone()
     out = p.out.clone()
     add_lora(p.x, p.lora_a, p.lora_b, out, case.offsets, p.meta, form=form, h=scratch)  # type: ignore[arg-type]
@@ -268,6 +278,77 @@ def test_add_lora_end_to_end(case: Case, form: str | None) -> None:
     out_ref = p.out.clone()
     add_lora(p.x, p.lora_a, p.lora_b, out_ref, case.offsets, p.meta, backend="torch")
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+
+
+# Reductions long enough to split: with these tiles, 80 splits 3 ways (rounding leaves a
+# 4th split idle) or 5 ways, 250 into 16 planes (the most there are; the last is short).
+SPLIT_CASES = [
+    (Case("split_qkv", 80, (24, 8, 16), 16, (3, 16, 0, 9), (0, 1, -1, 3, 0, 2, 1)), 4, 3),
+    (Case("split_5", 80, (24, 8, 16), 16, (3, 16, 0, 9), (0, 1, -1, 3, 0, 2, 1)), 5, 5),
+    (Case("split_most", 250, (20,), 8, (8, 5), (1, -1, 0, 0, 1)), MAX_SPLIT_K, MAX_SPLIT_K),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["sgmv", "bgmv"])
+@pytest.mark.parametrize(
+    ("case", "split_k", "planes"), SPLIT_CASES, ids=[c.name for c, _, _ in SPLIT_CASES]
+)
+def test_split_k_writes_planes_without_zero_fill(
+    case: Case, split_k: int, planes: int, form: str
+) -> None:
+    """A split-K shrink stores each split into its own plane of a scratch full of NaN
+    (no zero-fill needed), and the expand adds the planes up."""
+    from engine.kernels import bgmv, sgmv
+    from engine.kernels.triton_common import LaunchConfig
+
+    p = make_problem(case, seed=3)
+    block_m = 1 if form == "bgmv" else 16
+    config = LaunchConfig(block_m, 16, 16, split_k)
+    shrink, expand = (
+        (bgmv.bgmv_shrink, bgmv.bgmv_expand)
+        if form == "bgmv"
+        else (sgmv.sgmv_shrink, sgmv.sgmv_expand)
+    )
+    scratch = new_scratch(len(case.token_slots), len(case.slice_sizes), case.r_max, DEVICE)
+    scratch.fill_(NAN)
+    h = shrink(p.x, p.lora_a, scratch, p.meta, config)
+    assert h.shape[0] == planes and h.data_ptr() == scratch.data_ptr()
+    assert_h_close(h.sum(0), p)
+    before = p.out.clone()
+    out = p.out.clone()
+    expand(h, p.lora_b, out, case.offsets, p.meta)
+    assert_out_close(out, p, before)
+    out_ref = p.out.clone()
+    add_lora(p.x, p.lora_a, p.lora_b, out_ref, case.offsets, p.meta, backend="torch")
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="planes"):
+        shrink(p.x, p.lora_a, scratch[: planes - 1], p.meta, config)
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["sgmv", "bgmv"])
+def test_add_lora_split_k_from_heuristics(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a device with many SMs the launch heuristics split the shrink (capped at
+    `MAX_SPLIT_K`), and add_lora hands the expand the planes the shrink wrote."""
+    from engine.kernels import triton_common
+
+    monkeypatch.setattr(triton_common, "sm_count", lambda device: 10_000)
+    assert triton_common.split_k_for(1, 1 << 20, 16, DEVICE, 6, 1) == MAX_SPLIT_K
+    with pytest.raises(ValueError, match="split_k"):
+        triton_common.LaunchConfig(1, 16, 16, MAX_SPLIT_K + 1)
+    # 8192 inputs: 32 splits of the fewest K-blocks allowed, so the cap decides.
+    case = Case("split_heuristic", 8192, (24, 8), 8, (8, 3, 5), (2, -1, 0, 1, 0))
+    p = make_problem(case, seed=5)
+    h = lora_shrink(p.x, p.lora_a, p.meta, form)  # type: ignore[arg-type]
+    assert h.shape[0] == MAX_SPLIT_K
+    assert_h_close(h.sum(0), p, atol=1e-4, rtol=1e-4)
+    scratch = new_scratch(len(case.token_slots), len(case.slice_sizes), case.r_max, DEVICE)
+    scratch.fill_(NAN)
+    before = p.out.clone()
+    out = p.out.clone()
+    add_lora(p.x, p.lora_a, p.lora_b, out, case.offsets, p.meta, form=form, h=scratch)  # type: ignore[arg-type]
+    assert_out_close(out, p, before, atol=1e-4, rtol=1e-4)
 
 
 def _prefill_slots() -> tuple[int, ...]:
@@ -313,7 +394,7 @@ def test_kernels_bf16_llama_shapes(group: str, batch: str) -> None:
 
     for form in ("sgmv", "bgmv"):
         h = lora_shrink(p.x, p.lora_a, p.meta, form)
-        assert_h_close(h, p, atol=1e-3, rtol=1e-3)
+        assert_h_close(h.sum(0), p, atol=1e-3, rtol=1e-3)
         out = p.out.clone()
         lora_expand(h, p.lora_b, out, case.offsets, p.meta, form)
         assert_out_close(out, p, before, atol=2e-2, rtol=2e-2)
