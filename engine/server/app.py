@@ -386,7 +386,7 @@ async def serve(
     if on_ready is not None:
         on_ready(port)
     try:
-        await _sigterm().wait()  # or the task is cancelled (Ctrl-C, tests)
+        await _until_sigterm(frontend)  # or the task is cancelled (Ctrl-C, tests)
         await _drain(service, state, config.shutdown_grace_s)
     finally:
         watch.cancel()
@@ -493,6 +493,24 @@ def _start_control_link(config: EngineConfig, parts: EngineParts, port: int) -> 
             key_table=parts.keys,  # heartbeats report when each key was last used
         )
     )
+
+
+async def _until_sigterm(frontend: FrontendProcess | None) -> None:
+    """Returns on SIGTERM. Raises RuntimeError if the front-end process ends first: the
+    public port is gone, so this engine must be restarted (its supervisor does that)."""
+    waits = [asyncio.create_task(_sigterm().wait())]
+    if frontend is not None:
+        waits.append(asyncio.create_task(frontend.wait_exited()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    if frontend is not None and frontend.exited:
+        raise RuntimeError(
+            f"the front-end process serving port {frontend.port} exited with code "
+            f"{frontend.exit_code}; restart this engine"
+        )
 
 
 def _sigterm() -> asyncio.Event:

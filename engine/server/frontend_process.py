@@ -53,6 +53,7 @@ class FrontendProcess:
         self._outbox = Outbox(writer)
         self._calls: dict[int, asyncio.Task] = {}
         self._reading: asyncio.Task | None = None
+        self._exited = asyncio.Event()  # the link closed while serving (not by stop())
 
     @classmethod
     async def start(cls, config: FrontendConfig, service: GenerationService) -> FrontendProcess:
@@ -86,6 +87,20 @@ class FrontendProcess:
         None: all NOT_SERVING for good)."""
         self._outbox.post(("health", service, serving))
 
+    @property
+    def exited(self) -> bool:
+        """The front end went away by itself (a crash, a kill): the public port is gone."""
+        return self._exited.is_set()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.poll()
+
+    async def wait_exited(self) -> None:
+        """Returns once the front end has gone by itself and its process has ended."""
+        await self._exited.wait()
+        await asyncio.to_thread(_end, self._process)
+
     async def stop(self) -> None:
         """Ends the calls still open (their callers see the stream end), closes the link
         and waits for the front end to exit."""
@@ -110,6 +125,7 @@ class FrontendProcess:
         log.error("the front-end process has gone; its calls are cancelled")
         for call in list(self._calls.values()):
             call.cancel()
+        self._exited.set()
 
     async def _generate(
         self, sid: int, request_bytes: bytes, authorization: str, peer: str

@@ -6,11 +6,14 @@ real PEFT adapter."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +25,7 @@ from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import inference_pb2
 from tests.adapter_factory import make_peft_adapter
 from tests.engine_server import collect, running_engine
+from tests.ports import free_port
 
 ADMIN_TOKEN = "frontend-test-admin-token-0123456789"
 
@@ -181,3 +185,46 @@ def test_the_front_end_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live child processes of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_an_engine_whose_front_end_dies_exits_with_a_sentence(tiny_llama31_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.cli", "engine", "serve", "--model",
+         str(tiny_llama31_path), "--device", "cpu", "--port", str(port),
+         "--kv-cache-tokens", "1024", "--frontend-process", "on"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "engine ready" in line:
+                break
+        (frontend,) = [
+            pid for pid, cmd in _children(process.pid) if "engine.server.frontend" in cmd
+        ]
+        os.kill(frontend, signal.SIGKILL)
+        assert process.wait(timeout=30) == 2
+        output = process.stdout.read()
+        assert f"the front-end process serving port {port} exited with code -9" in output
+        assert "restart this engine" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
