@@ -1,12 +1,16 @@
-"""A real engine gRPC server in this process, on a loopback port picked by the OS."""
+"""A real engine gRPC server in this process, on a loopback port picked by the OS, or a
+real `loraplex engine serve` child process."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -97,3 +101,18 @@ def running_engine(
         channel.close()
         loop.call_soon_threadsafe(task_box[0].cancel)
         thread.join(30)
+
+
+def start_engine_process(model_path: Path, port: int, *flags: str) -> subprocess.Popen:
+    """`loraplex engine serve` on the CPU as a child process on `port` (text stdout, with
+    stderr), returned once it says it is ready. The caller ends it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.cli", "engine", "serve", "--model", str(model_path),
+         "--device", "cpu", "--port", str(port), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "engine ready" in line:
+            break
+    return process

@@ -24,7 +24,7 @@ from engine.server.app import build_engine, serve
 from loraplex.v1 import engine_admin_pb2 as admin_pb
 from loraplex.v1 import inference_pb2
 from tests.adapter_factory import make_peft_adapter
-from tests.engine_server import collect, running_engine
+from tests.engine_server import collect, running_engine, start_engine_process
 from tests.ports import free_port
 
 ADMIN_TOKEN = "frontend-test-admin-token-0123456789"
@@ -205,17 +205,11 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 def test_an_engine_whose_front_end_dies_exits_with_a_sentence(tiny_llama31_path):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraplex.cli", "engine", "serve", "--model",
-         str(tiny_llama31_path), "--device", "cpu", "--port", str(port),
-         "--kv-cache-tokens", "1024", "--frontend-process", "on"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    process = start_engine_process(
+        tiny_llama31_path, port, "--kv-cache-tokens", "1024", "--frontend-process", "on"
+    )
     try:
         assert process.stdout is not None
-        for line in process.stdout:
-            if "engine ready" in line:
-                break
         (frontend,) = [
             pid for pid, cmd in _children(process.pid) if "engine.server.frontend" in cmd
         ]

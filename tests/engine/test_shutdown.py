@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
+from tests.engine_server import start_engine_process
 from tests.ports import free_port
 
 
@@ -26,17 +25,12 @@ def _request(max_new_tokens: int) -> inference_pb2.GenerateRequest:
 @pytest.mark.parametrize("frontend", ["off", "on"])  # on: the public port is another process's
 def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(tiny_llama31_path, frontend):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraplex.cli", "engine", "serve", "--model",
-         str(tiny_llama31_path), "--device", "cpu", "--port", str(port),
-         "--kv-cache-tokens", "2048", "--shutdown-grace", "60", "--frontend-process", frontend],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = start_engine_process(
+        tiny_llama31_path, port,
+        "--kv-cache-tokens", "2048", "--shutdown-grace", "60", "--frontend-process", frontend,
     )  # fmt: skip
     try:
         assert process.stdout is not None
-        for line in process.stdout:
-            if "engine ready" in line:
-                break
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = inference_pb2_grpc.InferenceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
