@@ -44,7 +44,8 @@ _FINISH = {
     "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
     "error": inference_pb2.FINISH_REASON_ERROR,
 }
-_ENGINE_GONE = (grpc.StatusCode.UNAVAILABLE, "the engine has stopped; retry on another engine")
+# The refusal every call still open gets once the engine has gone: (status name, sentence).
+_ENGINE_GONE = ("UNAVAILABLE", "the engine has stopped; retry on another engine")
 
 
 class EngineLink:
@@ -63,7 +64,7 @@ class EngineLink:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._calls[sid] = queue
         if self.closed:
-            queue.put_nowait(("refused", sid, *_gone()))
+            queue.put_nowait(("refused", sid, *_ENGINE_GONE))
         else:
             self._outbox.post(("open", sid, request, authorization, peer))
         return sid, queue
@@ -81,11 +82,7 @@ class EngineLink:
     def engine_gone(self) -> None:
         self.closed = True
         for sid, queue in self._calls.items():
-            queue.put_nowait(("refused", sid, *_gone()))
-
-
-def _gone() -> tuple[str, str]:
-    return _ENGINE_GONE[0].name, _ENGINE_GONE[1]
+            queue.put_nowait(("refused", sid, *_ENGINE_GONE))
 
 
 class FrontendInference(inference_pb2_grpc.InferenceServicer):
