@@ -163,13 +163,13 @@ def test_more_adapters_in_flight_than_slots(tiny_llama31_path, adapter_root, exp
 def test_preempted_and_chunked_requests_match_peft(
     tiny_llama31_path, adapter_root, expected, overlap
 ):
-    # 6 KV blocks for 9 requests of up to 2 blocks each: running requests are preempted
+    # 4 KV blocks for 9 requests of up to 2 blocks each: running requests are preempted
     # and recomputed; 8-token steps chunk every prompt and mix it with decodes.
     config = config_for(
         tiny_llama31_path,
         adapter_root,
         adapter_dir=adapter_root,
-        kv_cache_tokens=96,
+        kv_cache_tokens=64,
         max_num_seqs=6,
         max_num_batched_tokens=8,
         max_mixed_prefill_tokens=4,
