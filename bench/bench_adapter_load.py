@@ -4,16 +4,22 @@ without CUDA the host-side rows still run (pageable memory, no slot row).
 
     python bench/bench_adapter_load.py --out bench/results/adapter_load_h200.json
 
-Rows:
-- read + sha256: the file read once with its hash beside it (engine.lora.hashed_read).
-- disk -> host: `load_adapter` into the packed bf16 image, pinned on CUDA; page cache
-  warm, median of `--repeats`. The first pinned load is reported apart: later ones reuse
-  page-locked blocks from torch's host allocator, a real preload mostly cannot.
+Rows (page cache warm, median of `--repeats`):
+- read + sha256: the file read once with its hash beside it (engine.lora.hashed_read),
+  into a fresh buffer, then into a reused one (`ReadBuffers`), then with its digest
+  already known (`DigestCache`: no hash) into a reused one.
+- disk -> host: `load_adapter` into the packed bf16 image, pinned on CUDA: `_hashed` with
+  the digest cache emptied before each load (a file's first load), else a reload of a
+  file whose digest is known (an evicted adapter, or one folder under two ids). The
+  first pinned load is reported apart: later ones reuse page-locked blocks from torch's
+  host allocator, a real preload mostly cannot.
 - host -> slot: `LoraSlotPool.load_into_slot` from the pinned image into a pool at
   `--max-lora-rank`, CUDA events around the copy and `wait_pending`, median of 20.
-- preload N threads: `AdapterPreloader` over `--adapters` folders (hard links of the one
-  file, so every read hits the page cache) into a registry that keeps all of them, with
-  the host allocator emptied first; wall time until the last is loaded.
+- preload N threads: `AdapterPreloader` over `--adapters` folders into a registry that
+  keeps all of them, with the host allocator and the digest cache emptied first; wall
+  time until the last is loaded. The folders hold copies of the one file (each read
+  hits the page cache, each file is hashed), or with `--preload-files links` hard links
+  of it (one inode: hashed once, then its digest is known). `--threads ""` skips these.
 """
 
 from __future__ import annotations
@@ -37,7 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_decode_step import LLAMA_31_8B  # noqa: E402
 
-from engine.lora.hashed_read import read_hashed  # noqa: E402
+from engine.lora.hashed_read import (  # noqa: E402
+    READ_BUFFERS,
+    VERIFIED_DIGESTS,
+    DigestCache,
+    read_hashed,
+)
 from engine.lora.peft_format import load_adapter  # noqa: E402
 from engine.lora.preload import AdapterPreloader  # noqa: E402
 from engine.lora.registry import AdapterRegistry  # noqa: E402
@@ -72,6 +83,7 @@ def slot_load_ms(pool: LoraSlotPool, image, repeats: int) -> float:
 def preload_s(config: ModelConfig, root: Path, threads: int, max_rank: int, cuda: bool) -> float:
     if cuda:
         torch._C._host_emptyCache()  # every image of this run pays for its page-locking
+    VERIFIED_DIGESTS.clear()  # every file of this run is hashed on its first load
     count = len(list(root.iterdir()))
     registry = AdapterRegistry(
         config, max_rank, max_cpu_loras=count, pin_memory=cuda, dtype=torch.bfloat16
@@ -93,6 +105,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LLAMA_31_8B.num_layers)
     parser.add_argument("--adapters", type=int, default=100, help="folders to preload")
     parser.add_argument("--threads", default="1,4,8", help="preload thread counts to time")
+    parser.add_argument("--preload-files", choices=("copies", "links"), default="copies")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     args = parser.parse_args()
@@ -105,35 +118,67 @@ def main() -> None:
         file_mb = path.stat().st_size / 1e6
         results: dict[str, float] = {}
 
+        # A digest is remembered only for a file whose ctime is settle_ns old (any later
+        # write then stamps a newer one): wait that long after writing it.
+        time.sleep(VERIFIED_DIGESTS.settle_ns / 1e9)
         read_hashed(path).sha256()  # the page cache is warm from here on
-        results["read_sha256_ms"] = median_ms(lambda: read_hashed(path).sha256(), args.repeats)
 
-        def load(pin: bool):
+        def read_and_release(digests: DigestCache | None) -> None:
+            read = read_hashed(path, digests)
+            read.sha256()
+            read.release()
+
+        results["read_sha256_ms"] = median_ms(
+            lambda: read_hashed(path, None, None).sha256(), args.repeats
+        )
+        results["read_sha256_reused_buffer_ms"] = median_ms(
+            lambda: read_and_release(None), args.repeats
+        )
+        results["read_known_digest_ms"] = median_ms(
+            lambda: read_and_release(VERIFIED_DIGESTS), args.repeats
+        )
+
+        def load(pin: bool, hashed: bool = False):
+            if hashed:
+                VERIFIED_DIGESTS.clear()
             return load_adapter(
                 folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin
             )
 
+        results["disk_to_host_pageable_hashed_ms"] = median_ms(
+            lambda: load(False, hashed=True), args.repeats
+        )
         results["disk_to_host_pageable_ms"] = median_ms(lambda: load(False), args.repeats)
         if cuda:
             start = time.perf_counter()
             image = load(True)
             results["disk_to_host_pinned_first_ms"] = (time.perf_counter() - start) * 1e3
+            results["disk_to_host_pinned_hashed_ms"] = median_ms(
+                lambda: load(True, hashed=True), args.repeats
+            )
             results["disk_to_host_pinned_ms"] = median_ms(lambda: load(True), args.repeats)
             pool = LoraSlotPool(config, 4, args.max_lora_rank, torch.bfloat16, "cuda")
             slot_load_ms(pool, image, 3)  # warm-up
             results["host_to_slot_ms"] = slot_load_ms(pool, image, 20)
             results["host_to_slot_gb_per_s"] = image.nbytes / results["host_to_slot_ms"] / 1e6
             del pool, image
+        READ_BUFFERS.clear()
 
+        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
         root = workdir / "many"
         root.mkdir()
-        for i in range(args.adapters):
+        for i in range(args.adapters if thread_counts else 0):
             target = root / f"adapter-{i:03d}"
             target.mkdir()
             for name in ("adapter_config.json", "adapter_model.safetensors"):
-                os.link(folder / name, target / name)
-        for threads in (int(t) for t in args.threads.split(",")):
-            key = f"preload_{args.adapters}_threads_{threads}_s"
+                if args.preload_files == "links":
+                    os.link(folder / name, target / name)
+                else:
+                    shutil.copyfile(folder / name, target / name)
+        if thread_counts and args.preload_files == "links":
+            time.sleep(VERIFIED_DIGESTS.settle_ns / 1e9)  # linking stamped a new ctime
+        for threads in thread_counts:
+            key = f"preload_{args.adapters}_{args.preload_files}_threads_{threads}_s"
             results[key] = preload_s(config, root, threads, args.max_lora_rank, cuda)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

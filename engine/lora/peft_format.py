@@ -7,8 +7,11 @@ its adapter_config.json's sha256 matches `expected_config_sha256` when given (th
 config is read once: the bytes hashed are the bytes parsed). The result holds, per
 projection group, the adapter's whole slot image in the serving dtype (layout in
 engine.lora.layout), with PEFT's scaling (alpha/r or alpha/sqrt(r), per module) folded
-into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA output. The file
-is read once; its sha256 is computed beside the decode (engine.lora.hashed_read).
+into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA output, and every
+value of the image is finite in the serving dtype. The file is read once; its sha256 is
+computed beside the decode, or known from an earlier read of the unchanged file
+(engine.lora.hashed_read). Each weight is written once into the image (B scaled on the
+way) and the finiteness checks run on the packed tensors, one reduction each.
 """
 
 from __future__ import annotations
@@ -140,18 +143,19 @@ def load_adapter(
     try:
         header = header_from_bytes(path, read.data)
         summary = summarize(pinned, header, model_config, max_rank, len(read.data), "")
-        _check_finite(path, read.data, header, summary.modules)
-        groups = _pack(read.data, header, summary, layouts, model_config, dtype, pin_memory)
+        groups = _pack(path, read.data, header, summary, layouts, model_config, dtype, pin_memory)
     except AdapterFormatError:
         # Another file than the one registered is the first thing to say.
         check_sha256(path, read.sha256(), expected_sha256)
         raise
     sha256 = read.sha256()
+    read.release()  # the image holds copies: the next read of this size reuses the buffer
     check_sha256(path, sha256, expected_sha256)
     return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts)
 
 
 def _pack(
+    path: Path,
     data: bytearray,
     header: dict[str, TensorInfo],
     summary: AdapterSummary,
@@ -160,6 +164,8 @@ def _pack(
     dtype: torch.dtype,
     pin_memory: bool,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The slot image of every targeted group, each weight written once (B scaled on the
+    way); AdapterMalformed when a weight, or a scaled or cast one, is not finite."""
     num_layers, rank = model_config.num_layers, summary.rank
     groups = {}
     for group, layout in layouts.items():
@@ -175,36 +181,74 @@ def _pack(
             index = SLICE_OF[spec.projection][1]
             begin, end = layout.slice_offsets[index : index + 2]
             a[spec.layer, index, : spec.rank].copy_(_tensor(data, header[spec.a_name]))  # [r, in]
-            # Scaling in float32 before the one cast to the serving dtype, as PEFT does it;
-            # out of place: for a float32 file `.float()` is a view of the bytes being hashed.
-            b_scaled = _tensor(data, header[spec.b_name]).float() * spec.scaling  # [out, r] f32
-            packed = b[spec.layer, begin:end, : spec.rank]
-            packed.copy_(b_scaled)
-            # Finite weights times a finite but huge alpha/r overflow (in float32, or in
-            # the cast to a narrower serving dtype): Inf here means garbage served.
-            if not _all_finite(packed):
+            packed = b[spec.layer, begin:end, : spec.rank]  # [out, r]
+            _scale_into(packed, _tensor(data, header[spec.b_name]), spec.scaling)
+        groups[group] = (a, b)
+    # A non-finite source weight stays non-finite through the cast and the scaling, and
+    # the rows not written are zeros: one reduction per packed tensor sees every problem.
+    if not all(_all_finite(t) for pair in groups.values() for t in pair):
+        _raise_non_finite(path, data, header, summary, layouts, groups, dtype)
+    return groups
+
+
+def _scale_into(packed: torch.Tensor, source: torch.Tensor, scaling: float) -> None:
+    """`packed = source * scaling` rounded as PEFT does (multiplied in float32, then cast
+    once to `packed`'s dtype), in one pass with no temporary where torch allows: a
+    float32 source, or a bf16/f16 one into its own dtype (torch multiplies those in
+    float32 and rounds once). Never writes `source`, a view of the bytes being hashed."""
+    if source.dtype == torch.float32 or (
+        source.dtype == packed.dtype and packed.dtype in (torch.bfloat16, torch.float16)
+    ):
+        torch.mul(source, scaling, out=packed)
+    elif packed.dtype == torch.float32:
+        packed.copy_(source)  # exact widening, then the float32 multiply in place
+        packed.mul_(scaling)
+    else:
+        packed.copy_(source.float().mul_(scaling))  # .float() is a copy here
+
+
+def _raise_non_finite(
+    path: Path,
+    data: bytearray,
+    header: dict[str, TensorInfo],
+    summary: AdapterSummary,
+    layouts: Mapping[str, GroupLayout],
+    groups: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype,
+) -> None:
+    """Name the first problem, checked in this order: a weight in the file, a scaled B,
+    a cast A (each in the order of the modules)."""
+    _check_finite(path, data, header, summary.modules)
+    for group, layout in layouts.items():
+        for spec in summary.modules:
+            target_group, index = SLICE_OF[spec.projection]
+            if target_group != group:
+                continue
+            begin, end = layout.slice_offsets[index : index + 2]
+            if not _all_finite(groups[group][1][spec.layer, begin:end, : spec.rank]):
+                # Finite weights times a finite but huge alpha/r overflow (in float32, or
+                # in the cast to a narrower serving dtype): Inf here means garbage served.
                 raise AdapterMalformed(
                     "non_finite",
                     f"tensor {spec.b_name} scaled by lora_alpha/r = {spec.scaling:.3g} is "
                     f"not finite in {dtype}; lora_alpha (or alpha_pattern) in "
                     "adapter_config.json is far too large for these weights: fix it",
                 )
-        groups[group] = (a, b)
-    return groups
+    for spec in summary.modules:
+        group, index = SLICE_OF[spec.projection]
+        if not _all_finite(groups[group][0][spec.layer, index, : spec.rank]):
+            raise AdapterMalformed(
+                "non_finite",
+                f"tensor {spec.a_name} in {path} has values beyond the range of {dtype}, "
+                "the serving dtype: serve it in a wider dtype or retrain",
+            )
+    raise AdapterMalformed("non_finite", f"{path} holds weights that are not finite")
 
 
 def _check_finite(
     path: Path, data: bytearray, header: dict[str, TensorInfo], specs: tuple[LoraModuleSpec, ...]
 ) -> None:
-    """Every weight is finite. One reduction over the whole data region when all tensors
-    share a dtype (the usual case); per tensor only to name a bad one."""
-    dtypes = {info.dtype for info in header.values()}
-    if len(dtypes) == 1:
-        dtype_name = dtypes.pop()
-        start = min(info.offset for info in header.values())
-        count = (len(data) - start) // _DTYPES[dtype_name].itemsize
-        if _all_finite(_flat(data, dtype_name, start, count)):
-            return
+    """Every weight in the file is finite; else name the first one that is not."""
     for spec in specs:
         for name in (spec.a_name, spec.b_name):
             tensor = _tensor(data, header[name])

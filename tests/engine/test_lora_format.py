@@ -230,3 +230,73 @@ def test_packed_image_in_the_serving_dtype_equals_the_float32_modules_cast(
     if variant == "layer_int":  # o_proj, gate_proj, up_proj of layer 1 only
         assert set(packed.groups) == {"o", "gate_up"}
         assert not packed.groups["o"][0][0].any() and packed.groups["o"][0][1].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_bf16_file_packs_as_its_float32_load_cast(
+    dtype: torch.dtype, base_dir: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir = make_peft_adapter(base_dir, tmp_path / "b", seed=6, **VARIANTS["patterns"])
+    path = adapter_dir / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    reference = load_adapter(adapter_dir, model_config, MAX_RANK)
+    packed = load_adapter(adapter_dir, model_config, MAX_RANK, dtype=dtype)
+    expected = per_module_image(reference, model_config, dtype)
+    for group, (a, b) in packed.groups.items():
+        assert torch.equal(a, expected[group][0]) and torch.equal(b, expected[group][1]), group
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaling_rounds_once_from_float32(source: torch.dtype, target: torch.dtype) -> None:
+    """B is scaled in one pass where torch allows, yet bit for bit as PEFT does it: the
+    float32 product cast once (every bf16/f16 bit pattern; NaN only as NaN, its payload
+    depends on the kernel and a NaN is refused anyway)."""
+    from engine.lora.peft_format import _scale_into
+
+    if source == torch.float32:
+        generator = torch.Generator().manual_seed(0)
+        values = torch.randn(1 << 16, generator=generator) * torch.logspace(-40, 38, 1 << 16)
+    else:
+        values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(source)
+    values = values.view(-1, 8)  # [out, r]
+    bits = torch.int32 if target == torch.float32 else torch.int16
+
+    def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
+        nan = expected.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got.view(bits)[~nan], expected.view(bits)[~nan])
+
+    for scaling in (2.0, 0.5, 1.7, 8 / 3, 1 / 3, 7.123456789, 1e30, 0.0):
+        expected = (values.float() * scaling).to(target)
+        packed = torch.empty(values.shape, dtype=target)
+        _scale_into(packed, values, scaling)
+        assert_same(packed, expected)
+        wide = torch.zeros(values.shape[0], 16, dtype=target)  # strided, as at rank < r
+        _scale_into(wide[:, :8], values, scaling)
+        assert_same(wide[:, :8], expected)
+        assert not wide[:, 8:].any()
+
+
+def test_an_a_weight_beyond_the_serving_dtype_is_refused(
+    base_dir: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from engine.formats.errors import AdapterFormatError
+
+    adapter_dir = make_peft_adapter(
+        base_dir, tmp_path / "a", seed=7, r=4, alpha=8, target_modules=["q_proj"]
+    )
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in tensors if "lora_A" in n)
+    tensors[name][0, 0] = 1e6  # finite in float32, Inf in float16
+    save_file(tensors, path)
+    assert load_adapter(adapter_dir, model_config, MAX_RANK).groups
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(adapter_dir, model_config, MAX_RANK, dtype=torch.float16)
+    assert caught.value.reason == "non_finite"
+    assert name in str(caught.value) and "torch.float16" in str(caught.value)
