@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.server.frontend_link import Event, FrontendConfig, Outbox, read_events
+from engine.server.responses import generate_response
 from loraplex.admin_token import engine_admin_check
 from loraplex.bearer import metadata_authorization
 from loraplex.v1 import engine_admin_pb2, inference_pb2, inference_pb2_grpc
@@ -38,12 +39,6 @@ log = logging.getLogger("engine.server.frontend")
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN = engine_admin_pb2.DESCRIPTOR.services_by_name["EngineAdmin"].full_name
-_FINISH = {
-    "stop": inference_pb2.FINISH_REASON_STOP,
-    "length": inference_pb2.FINISH_REASON_LENGTH,
-    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
-    "error": inference_pb2.FINISH_REASON_ERROR,
-}
 # The refusal every call still open gets once the engine has gone: (status name, sentence).
 _ENGINE_GONE = ("UNAVAILABLE", "the engine has stopped; retry on another engine")
 
@@ -119,19 +114,12 @@ def _response(
 ) -> inference_pb2.GenerateResponse:
     """One message for `("out", ...)` events in order: their text and tokens joined, the
     finish and usage of the last."""
-    last = events[-1]
-    response = inference_pb2.GenerateResponse(
-        text="".join(event[2] for event in events),
-        token_ids=[token for event in events for token in event[3]],
-        request_id=request_id,
-        adapter_id=adapter_id,
-    )
-    if last[4]:
-        response.finish_reason = _FINISH[last[4]]
-        response.error = last[7]
-        response.usage.prompt_tokens = last[5]
-        response.usage.completion_tokens = last[6]
-    return response
+    _, _, _, _, finish, prompt_tokens, completion_tokens, error = events[-1]
+    return generate_response(
+        "".join(event[2] for event in events),
+        [token for event in events for token in event[3]],
+        request_id, adapter_id, finish, error, prompt_tokens, completion_tokens,
+    )  # fmt: skip
 
 
 class AdminForwarder(grpc.GenericRpcHandler):

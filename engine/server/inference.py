@@ -8,18 +8,12 @@ aborts its request at once.
 
 from __future__ import annotations
 
-from engine.request import FinishReason, RequestOutput
+from engine.request import RequestOutput
 from engine.server.generation import GenerationService
+from engine.server.responses import generate_response
 from engine.server.statuses import translated
 from loraplex.bearer import metadata_authorization
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
-
-_FINISH = {
-    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: inference_pb2.FINISH_REASON_ERROR,
-}
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -37,15 +31,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 def _response(
     out: RequestOutput, request_id: str, adapter_id: str | None
 ) -> inference_pb2.GenerateResponse:
-    response = inference_pb2.GenerateResponse(
-        text=out.text,
-        token_ids=list(out.token_ids),
-        request_id=request_id,
-        adapter_id=adapter_id or "",
-    )
-    if out.finish_reason is not None:
-        response.finish_reason = _FINISH[out.finish_reason]
-        response.error = out.error
-        response.usage.prompt_tokens = out.prompt_tokens
-        response.usage.completion_tokens = out.completion_tokens
-    return response
+    return generate_response(
+        out.text, out.token_ids, request_id, adapter_id or "", out.finish_reason or "",
+        out.error, out.prompt_tokens, out.completion_tokens,
+    )  # fmt: skip
