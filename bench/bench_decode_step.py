@@ -169,7 +169,7 @@ def main() -> int:
         pad_block=cache.num_blocks - 1,
     )
     capture_s = graphs.capture(sizes=[args.batch])
-    print(f"captured 2 graphs (bucket {args.batch}) in {capture_s:.1f} s", flush=True)
+    print(f"captured {len(graphs.captured)} graphs (bucket {args.batch}) in {capture_s:.1f} s")
     from engine.attention.triton_backend import attend_triton
 
     modes = {

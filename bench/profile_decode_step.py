@@ -4,10 +4,11 @@
 
 Builds the same random Llama-3.1-8B-shaped model, KV cache and rank-16 slot pool as
 `bench_decode_step.py`, then for each batch size and scenario (base model; every row
-its own adapter) it (1) times the CUDA-graph step (`ModelRunner.execute`, median of
-`--steps` after warm-up, CUDA events) and (2) profiles `--profile-steps` eager steps
-with the torch profiler, counting kernels per step and summing their device time by
-category. Graph step time minus kernel time is what launch gaps and host work cost.
+its own adapter; rows spread over 32 adapters) it (1) times the CUDA-graph step
+(`ModelRunner.execute`, median of `--steps` after warm-up, CUDA events) and (2)
+profiles `--profile-steps` eager steps with the torch profiler, counting kernels per
+step and summing their device time by category. Graph step time minus kernel time is
+what launch gaps and host work cost.
 
 `--root` imports the engine from another checkout (for a before/after table in one
 run); the script itself only uses APIs both sides have.
@@ -125,7 +126,12 @@ def main() -> int:
     eager_runner = ModelRunner(model, cache, pool, "triton")
     results = []
     for size in batches:
-        for scenario, slots in (("base", [-1] * size), ("distinct", list(range(size)))):
+        scenarios = {
+            "base": [-1] * size,
+            "distinct": list(range(size)),
+            "shared32": [i % 32 for i in range(size)],  # W2: many rows over 32 adapters
+        }
+        for scenario, slots in scenarios.items():
             batch = bench.make_batch(slots, args.context, blocks_per_seq)
             replays = graphs.num_replays
             times = bench.time_steps(graph_runner, batch, 5, args.steps)

@@ -5,7 +5,9 @@ sequences runs the graph of the smallest captured bucket >= B, its inputs copied
 static buffers first. Rows past B are padding: token 0 at position 0, writing its k/v
 to a scratch slot (the first slot of a KV block the scheduler never hands out) and
 attending to that one slot (context length 1), with no adapter (slot -1). Their
-outputs are computed and ignored.
+outputs are computed and ignored. Rows are also grouped into segments by adapter slot
+(the slots present, ascending; then empty segments up to one per slot of the pool),
+for the graphs that apply LoRA as SGMV.
 
 Everything here is plain data and copies, so it runs (and is tested) on the CPU.
 """
@@ -58,14 +60,17 @@ class PaddedDecode:
     block_tables: np.ndarray  # [bucket, width] int32, width = the widest table needed
     token_slots: np.ndarray  # [bucket] int32: adapter slot per row, -1 for none
     sorted_token_ids: np.ndarray  # [bucket] int32: rows grouped by adapter slot, -1 last
+    seg_starts: np.ndarray  # [num_slots + 1] int32: segment g's rows in sorted_token_ids
+    seg_slots: np.ndarray  # [num_slots] int32: the adapter slot of segment g
 
 
 def pad_decode(
-    seqs: Sequence[ScheduledSeq], bucket: int, block_size: int, pad_block: int
+    seqs: Sequence[ScheduledSeq], bucket: int, block_size: int, pad_block: int, num_slots: int = 0
 ) -> PaddedDecode:
     """Lay out a decode-only step in `bucket` rows; rows past `len(seqs)` are padding
-    attending to `pad_block` alone. Raises ValueError if a row is not a decode token,
-    the batch exceeds the bucket, or a block table does not cover its token.
+    attending to `pad_block` alone; `num_slots` is the adapter pool's slot count. Raises
+    ValueError if a row is not a decode token, the batch exceeds the bucket, or a block
+    table does not cover its token.
 
     Runs once per decode step on the engine loop, so it is numpy over whole columns,
     with Python touching each sequence once."""
@@ -105,7 +110,17 @@ def pad_decode(
     # adapter run side by side and share its weights through L2).
     key = np.where(token_slots < 0, np.iinfo(np.int32).max, token_slots)
     order = np.argsort(key, kind="stable").astype(np.int32)
-    return PaddedDecode(bucket, num_seqs, longs, context_lens, tables, token_slots, order)
+    present, counts = np.unique(token_slots[token_slots >= 0], return_counts=True)
+    if len(present) and present[-1] >= num_slots:
+        raise ValueError(f"adapter slot {present[-1]} is outside a pool of {num_slots} slots")
+    seg_starts = np.full(num_slots + 1, counts.sum(), dtype=np.int32)  # empty ones last
+    seg_starts[0] = 0
+    seg_starts[1 : len(counts) + 1] = np.cumsum(counts)
+    seg_slots = np.zeros(num_slots, dtype=np.int32)
+    seg_slots[: len(present)] = present
+    return PaddedDecode(
+        bucket, num_seqs, longs, context_lens, tables, token_slots, order, seg_starts, seg_slots
+    )
 
 
 def _pad16(n: int) -> int:
@@ -129,9 +144,11 @@ class StaticDecodeBuffers:
         self._stride = _pad16(max_bucket)
         # rows: input ids, positions, cache slots
         self.longs = torch.zeros(3, self._stride, dtype=torch.long, device=device)
-        # sections: context lens, token slots, sorted token ids, slot ranks
+        # sections: context lens, token slots, sorted token ids (rows each), then slot
+        # ranks, segment starts and segment slots (one per slot of the pool, +1 starts)
+        self._slots_stride = _pad16(num_lora_slots + 1)
         self.ints = torch.zeros(
-            3 * self._stride + _pad16(max(num_lora_slots, 1)), dtype=torch.int32, device=device
+            3 * self._stride + 3 * self._slots_stride, dtype=torch.int32, device=device
         )
         self.block_tables = torch.zeros(
             max_bucket, max_blocks_per_seq, dtype=torch.int32, device=device
@@ -157,7 +174,19 @@ class StaticDecodeBuffers:
 
     @property
     def slot_ranks(self) -> torch.Tensor:  # [num_lora_slots] int32
-        return self.ints[3 * self._stride : 3 * self._stride + self.num_lora_slots]
+        return self._slots_section(0, self.num_lora_slots)
+
+    @property
+    def seg_starts(self) -> torch.Tensor:  # [num_lora_slots + 1] int32
+        return self._slots_section(1, self.num_lora_slots + 1)
+
+    @property
+    def seg_slots(self) -> torch.Tensor:  # [num_lora_slots] int32
+        return self._slots_section(2, self.num_lora_slots)
+
+    def _slots_section(self, index: int, length: int) -> torch.Tensor:
+        start = 3 * self._stride + index * self._slots_stride
+        return self.ints[start : start + length]
 
     def tables(self, rows: int) -> torch.Tensor:  # [rows, max_blocks_per_seq] int32
         return self.block_tables[:rows]
@@ -173,18 +202,25 @@ class StaticDecodeBuffers:
         if rows > self.max_bucket or width > self.max_blocks_per_seq:
             raise ValueError(f"a step of {rows} rows x {width} blocks exceeds the buffers")
         ranks = np.asarray(slot_ranks, dtype=np.int32)
-        if len(ranks) > self.num_lora_slots:
-            raise ValueError(f"{len(ranks)} slot ranks for {self.num_lora_slots} slots")
+        num_slots = self.num_lora_slots
+        if len(ranks) > num_slots or len(step.seg_starts) != num_slots + 1:
+            raise ValueError(
+                f"{len(ranks)} slot ranks and {len(step.seg_starts) - 1} segments "
+                f"for buffers of {num_slots} slots"
+            )
         copy_into(self.longs[:, :rows], step.longs)
         ints = np.zeros(self.ints.numel(), dtype=np.int32)
         s = self._stride
         ints[:rows] = step.context_lens
         ints[s : s + rows] = step.token_slots
         ints[2 * s : 2 * s + rows] = step.sorted_token_ids
-        ints[3 * s : 3 * s + len(ranks)] = ranks
+        slots = ints[3 * s :].reshape(3, self._slots_stride)
+        slots[0, : len(ranks)] = ranks
+        slots[1, : len(step.seg_starts)] = step.seg_starts
+        slots[2, :num_slots] = step.seg_slots
         copy_into(self.ints, ints)
         copy_into(self.block_tables[:rows, :width], step.block_tables)
 
     def fill_padding(self, pad_block: int, block_size: int) -> None:
         """Make every row a padding row (before capture: warm-up writes go to scratch)."""
-        self.fill(pad_decode((), self.max_bucket, block_size, pad_block))
+        self.fill(pad_decode((), self.max_bucket, block_size, pad_block, self.num_lora_slots))

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from engine.attention import supports_decode_graphs
-from engine.cuda_graphs import BucketGraphs
+from engine.cuda_graphs import BucketGraphs, Variant
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.slot_pool import LoraSlotPool
@@ -95,7 +95,10 @@ class MixedGraphs(BucketGraphs):
         if not 0 <= pad_block < kv_cache.num_blocks:
             raise ValueError(f"pad_block {pad_block} is not a block of the KV cache")
         self.lora_pool = lora_pool if lora_graphs else None
-        super().__init__(model.device, token_buckets(max_tokens), self.lora_pool is not None)
+        variants: tuple[Variant, ...] = ("base",)
+        if self.lora_pool is not None:
+            variants = ("base", "sgmv")
+        super().__init__(model.device, token_buckets(max_tokens), variants)
         self.model = model
         self.kv_cache = kv_cache
         self.pad_block = pad_block
@@ -122,7 +125,8 @@ class MixedGraphs(BucketGraphs):
         the tokens still on the device into the input ids first."""
         num_tokens = sum(len(s.token_ids) for s in seqs)
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
-        bucket = self._bucket(num_tokens, with_lora)  # None for LoRA without LoRA graphs
+        variant: Variant = "sgmv" if with_lora else "base"
+        bucket = self._bucket(num_tokens, variant)  # None for LoRA without LoRA graphs
         if bucket is None or len(seqs) > seqs_in_bucket(bucket, self.max_num_seqs):
             return None
         if any(s.start_position + len(s.token_ids) > self.max_model_len for s in seqs):
@@ -133,12 +137,12 @@ class MixedGraphs(BucketGraphs):
         num_sampled = self._fill(seqs, bucket)
         if feed is not None:
             feed.write_into(self.buffers.input_ids(bucket))
-        self._replay(bucket, with_lora)
+        self._replay(bucket, variant)
         return self.logits[:num_sampled]
 
-    def _forward(self, size: int, with_lora: bool) -> Callable[[], None]:
+    def _forward(self, size: int, variant: Variant) -> Callable[[], None]:
         self._fill(self._padding_step(size), size)
-        pool = self.lora_pool if with_lora else None
+        pool = self.lora_pool if variant == "sgmv" else None
         return bucket_forward(
             self.model, self.kv_cache, self.buffers, pool, size, self.logits, self.max_model_len
         )

@@ -178,8 +178,9 @@ def _block_m(meta: LoraKernelMeta, device: torch.device) -> int:
 
 def seg_pad(meta: LoraKernelMeta) -> int:
     """The segment-table width the kernels scan: sized by the pool, not the batch, so
-    that the count of adapters in a step never selects (and compiles) a new variant."""
-    return max(2, next_pow2(meta.num_slots))
+    that the count of adapters in a step never selects (and compiles) a new variant; a
+    `bounded` meta (a CUDA graph's) has a fixed segment count to size it by."""
+    return max(2, next_pow2(meta.num_segments if meta.bounded else meta.num_slots))
 
 
 def num_tiles(meta: LoraKernelMeta, block_m: int) -> int:

@@ -16,7 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine.cuda_graphs import graph_attention_metadata, graph_lora_applier  # noqa: E402
+from engine.cuda_graphs import (  # noqa: E402
+    graph_attention_metadata,
+    graph_lora_applier,
+    lora_form,
+)
 from engine.graph_inputs import (  # noqa: E402
     StaticDecodeBuffers,
     bucket_for,
@@ -73,7 +77,7 @@ def test_pad_decode_layout() -> None:
         _seq("b", (12,), 0, (5,)),
         _seq("c", (13,), 15, (4, 8), slot=0),  # last slot of its first block
     ]
-    step = pad_decode(seqs, bucket=5, block_size=16, pad_block=99)
+    step = pad_decode(seqs, bucket=5, block_size=16, pad_block=99, num_slots=4)
     assert step.num_seqs == 3 and step.bucket == 5
     ids, positions, slot_mapping = step.longs.tolist()
     assert ids == [11, 12, 13, 0, 0]
@@ -84,17 +88,21 @@ def test_pad_decode_layout() -> None:
     assert step.block_tables.tolist() == [[7, 3], [5, 99], [4, 99], [99, 99], [99, 99]]
     assert step.token_slots.tolist() == [2, -1, 0, -1, -1]
     assert step.sorted_token_ids.tolist() == [2, 0, 1, 3, 4]
+    # Segments of the slots present (0: row 2, then 2: row 0), then empty ones.
+    assert step.seg_starts.tolist() == [0, 1, 2, 2, 2] and step.seg_slots.tolist()[:2] == [0, 2]
     with pytest.raises(ValueError):
         pad_decode(seqs, bucket=2, block_size=16, pad_block=99)
     with pytest.raises(ValueError):
         pad_decode([_seq("d", (1,), 16, (4,))], bucket=1, block_size=16, pad_block=99)
+    with pytest.raises(ValueError, match="outside a pool of 2 slots"):
+        pad_decode(seqs, bucket=5, block_size=16, pad_block=99, num_slots=2)
 
 
 def test_static_buffers_fill() -> None:
     buffers = StaticDecodeBuffers(8, 6, 3, torch.device("cpu"))
     buffers.block_tables.fill_(-7)  # stale values from an earlier step
     seqs = [_seq("a", (11,), 40, (1, 2, 3, 4), slot=1), _seq("b", (12,), 3, (6,))]
-    buffers.fill(pad_decode(seqs, 4, 16, pad_block=9), slot_ranks=torch.tensor([4, 8, 0]))
+    buffers.fill(pad_decode(seqs, 4, 16, 9, num_slots=3), slot_ranks=torch.tensor([4, 8, 0]))
     assert buffers.input_ids(4).tolist() == [11, 12, 0, 0]
     assert buffers.positions(4).tolist() == [40, 3, 0, 0]
     assert buffers.slot_mapping(4).tolist() == [3 * 16 + 8, 6 * 16 + 3, 9 * 16, 9 * 16]
@@ -102,15 +110,18 @@ def test_static_buffers_fill() -> None:
     assert buffers.token_slots(4).tolist() == [1, -1, -1, -1]
     assert buffers.sorted_token_ids(4).tolist() == [0, 1, 2, 3]
     assert buffers.slot_ranks.tolist() == [4, 8, 0]
+    assert buffers.seg_starts.tolist() == [0, 1, 1, 1] and buffers.seg_slots.tolist()[0] == 1
     assert buffers.tables(4)[:, :3].tolist() == [[1, 2, 3], [6, 9, 9], [9, 9, 9], [9, 9, 9]]
     assert (buffers.tables(4)[:, 3:] == -7).all()  # never read: beyond every context
     # Views are prefixes of fixed storage: a bucket's graph sees every later fill.
     ptr = buffers.context_lens(4).data_ptr()
-    buffers.fill(pad_decode(seqs[:1], 1, 16, pad_block=9), slot_ranks=[0, 0, 16])
+    buffers.fill(pad_decode(seqs[:1], 1, 16, 9, num_slots=3), slot_ranks=[0, 0, 16])
     assert buffers.context_lens(4).data_ptr() == ptr and buffers.context_lens(1).tolist() == [41]
     assert buffers.slot_ranks.tolist() == [0, 0, 16]
     with pytest.raises(ValueError):
-        buffers.fill(pad_decode([_seq("c", (1,), 200, tuple(range(13)))], 1, 16, 9))
+        buffers.fill(pad_decode([_seq("c", (1,), 200, tuple(range(13)))], 1, 16, 9, 3))
+    with pytest.raises(ValueError, match="segments"):  # laid out for another pool
+        buffers.fill(pad_decode(seqs, 4, 16, 9, num_slots=4))
 
 
 def _interpreted_triton() -> bool:
@@ -146,9 +157,11 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pat
 
 
 @pytest.mark.skipif(not _interpreted_triton(), reason="needs the Triton interpreter (no CUDA)")
-def test_graph_forward_matches_eager_on_cpu(tiny_setup) -> None:
-    """What a decode graph runs (static buffers, graph metadata, BGMV over static slots,
-    padding rows) equals the eager runner, before and after a slot is reloaded."""
+@pytest.mark.parametrize("form", ["bgmv", "sgmv"])
+def test_graph_forward_matches_eager_on_cpu(tiny_setup, form: str) -> None:
+    """What a decode graph runs (static buffers, graph metadata, BGMV or SGMV over static
+    slots, padding rows) equals the eager runner, before and after a slot is reloaded,
+    for rows that each have their own adapter (BGMV) or share two (SGMV)."""
     from engine.attention.triton_backend import attend_triton
     from engine.kv_cache import KVCache
     from engine.lora.peft_format import load_adapter
@@ -169,7 +182,7 @@ def test_graph_forward_matches_eager_on_cpu(tiny_setup) -> None:
     runner = ModelRunner(model, cache, pool, lora_backend="torch")
     driver = ScheduledDriver(runner, num_blocks - 1, seed=3)
     gen = torch.Generator().manual_seed(0)
-    slots = [0, -1, 3, 1, 4, 2, -1]  # five adapters and base rows
+    slots = {"bgmv": [0, -1, 3, 1, 4, 2, -1], "sgmv": [0, -1, 3, 0, 3, 0, 3]}[form]
     for i, (slot, length) in enumerate(zip(slots, [5, 16, 17, 31, 1, 40, 9], strict=True)):
         driver.add(f"r{i}", torch.randint(3, 512, (length,), generator=gen).tolist(), slot)
     driver.step()  # prefill, eagerly
@@ -179,10 +192,12 @@ def test_graph_forward_matches_eager_on_cpu(tiny_setup) -> None:
         if reload:  # another adapter (another rank) in slot 3 between two replays
             pool.load_into_slot(3, weights[2])
         batch = driver.batch()
+        assert lora_form(batch.seqs) == form
         expected = runner._forward(batch)  # [7, vocab]
-        buffers.fill(pad_decode(batch.seqs, bucket, block_size, pad_block), pool.slot_ranks)
+        step = pad_decode(batch.seqs, bucket, block_size, pad_block, pool.max_loras)
+        buffers.fill(step, pool.slot_ranks)
         attn = graph_attention_metadata(buffers, bucket, block_size, max_blocks)
-        lora = graph_lora_applier(pool, buffers, bucket)
+        lora = graph_lora_applier(pool, buffers, bucket, form)
         logits = model(
             buffers.input_ids(bucket),
             buffers.positions(bucket),

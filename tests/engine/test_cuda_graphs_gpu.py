@@ -88,7 +88,7 @@ def _runner(
             pad_block=NUM_BLOCKS - 1,
         )
         decode_graphs.capture()
-        assert len(decode_graphs.captured) == 2 * len(decode_graphs.sizes)
+        assert len(decode_graphs.captured) == 3 * len(decode_graphs.sizes)
     mixed_graphs = None
     if graphs and mixed_tokens:
         mixed_graphs = MixedGraphs(
@@ -143,7 +143,25 @@ def test_replay_matches_eager_tokens_with_reloads(gpu_setup, num_seqs: int) -> N
                     driver.set_slot("r5", 2)
         tokens = [driver.step() for driver in drivers]
         assert tokens[0] == tokens[1], f"step {step}"
-    assert graphed.decode_graphs.num_replays == 10
+    # 32 rows share five adapters (SGMV); 3 or 13 rows hardly share them (BGMV).
+    assert graphed.decode_graphs.replays == {"sgmv" if num_seqs == 32 else "bgmv": 10}
+
+
+def test_rows_sharing_one_adapter_replay_sgmv(gpu_setup) -> None:
+    """A decode batch where most rows share one adapter (segments longer than one
+    16-row tile) replays the SGMV graph and gives the eager tokens."""
+    base, adapter_dirs, _ = gpu_setup
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager, _ = _runner(base, adapter_dirs, torch.float32, graphs=False)
+    graphed, _ = _runner(base, adapter_dirs, torch.float32, graphs=True)
+    drivers = _drivers([eager, graphed], 30, seed=11)
+    for driver in drivers:
+        for i, rid in enumerate(driver.requests):
+            driver.set_slot(rid, 4 if i % 10 == 9 else -1 if i % 10 == 8 else 0)
+    assert drivers[0].step() == drivers[1].step()  # prefill, eager in both
+    for step in range(5):
+        assert drivers[0].step() == drivers[1].step(), f"step {step}"
+    assert graphed.decode_graphs.replays == {"sgmv": 5}
 
 
 def test_base_only_and_oversized_batches(gpu_setup) -> None:
@@ -169,7 +187,8 @@ def test_base_only_and_oversized_batches(gpu_setup) -> None:
 def test_mixed_replay_matches_eager_tokens(gpu_setup) -> None:
     """Requests arriving while others decode: every mixed step (new prompts, prompts over
     a cached prefix, decode rows, five adapters and base rows) replays a graph and gives
-    the eager tokens, also after a slot reload; a step beyond the largest bucket runs
+    the eager tokens, also after a slot reload; the decode steps after them (20 rows over
+    five adapters) replay the SGMV decode graph; a step beyond the largest bucket runs
     eagerly."""
     base, adapter_dirs, _ = gpu_setup
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -190,7 +209,10 @@ def test_mixed_replay_matches_eager_tokens(gpu_setup) -> None:
         assert tokens[0] == tokens[1], f"step {step}"
     mixed, decode = graphed.mixed_graphs, graphed.decode_graphs
     assert mixed is not None and decode is not None
-    assert fitting >= 8 and mixed.num_replays == fitting and decode.num_replays == 2
+    assert fitting >= 8 and mixed.num_replays == fitting and decode.replays == {"sgmv": 2}
+    lone = [f"r{i}" for i in range(5)]  # slots 0-4, one row each: BGMV
+    assert drivers[0].step(lone) == drivers[1].step(lone)
+    assert decode.replays == {"sgmv": 2, "bgmv": 1}
     for driver in drivers:  # a prompt of 300 tokens: beyond the 256-token bucket
         driver.add("long", list(range(3, 303)), 0)
     assert drivers[0].step() == drivers[1].step()
