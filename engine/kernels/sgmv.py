@@ -178,9 +178,10 @@ def _block_m(meta: LoraKernelMeta, device: torch.device) -> int:
 
 def seg_pad(meta: LoraKernelMeta) -> int:
     """The segment-table width the kernels scan: sized by the pool, not the batch, so
-    that the count of adapters in a step never selects (and compiles) a new variant; a
-    `bounded` meta (a CUDA graph's) has a fixed segment count to size it by."""
-    return max(2, next_pow2(meta.num_segments if meta.bounded else meta.num_slots))
+    that the count of adapters in a step never selects (and compiles) a new variant.
+    The same for a CUDA graph's meta: sized by its segment bound, every decode bucket
+    would compile variants of its own while the engine starts."""
+    return max(2, next_pow2(meta.num_slots))
 
 
 def num_tiles(meta: LoraKernelMeta, block_m: int) -> int:
