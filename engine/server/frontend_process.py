@@ -135,8 +135,7 @@ class FrontendProcess:
             request = inference_pb2.GenerateRequest.FromString(request_bytes)
             async with self._service.open(request, authorization or None, peer) as generation:
                 post(("head", sid, generation.request_id, generation.adapter_id or ""))
-                async for out in generation:
-                    post(_out_event(sid, out))
+                await generation.forward(lambda out: post(_out_event(sid, out)))
         except asyncio.CancelledError:
             pass  # the caller went away: nobody to tell
         except Exception as exc:

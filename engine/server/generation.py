@@ -20,7 +20,7 @@ import contextlib
 import logging
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
@@ -78,6 +78,30 @@ class Generation:
             self._timer.on_output(out)
         self.finished = batch[-1].finish_reason is not None
         return merge(batch)
+
+    async def forward(self, send: Callable[[RequestOutput], None]) -> None:
+        """Hands every output to `send` as it is delivered, until the last: for a
+        relay, this costs no task wake-up per output as iterating does (at 242 streams,
+        242 a step on the loop the engine shares the GIL with). Cancelling it stops
+        the handing over; outputs after that are dropped."""
+        if self.finished:
+            return
+        last: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_output(out: RequestOutput) -> None:
+            if last.done():
+                return
+            self._timer.on_output(out)
+            send(out)
+            if out.finish_reason is not None:
+                self.finished = True
+                last.set_result(None)
+
+        self._outputs.consume(on_output)
+        try:
+            await last
+        finally:
+            last.cancel()  # no-op once it finished
 
 
 class GenerationService:

@@ -10,7 +10,10 @@ large share of a decode step, paid under the GIL the engine loop needs too. Here
   many streams it feeds.
 - `OutputStream` (one per request) buffers what was delivered; its handler takes
   everything buffered at once (`next_batch`), so a handler that fell behind catches up
-  with one gRPC message instead of one per token (`merge`).
+  with one gRPC message instead of one per token (`merge`). A front end that only
+  relays outputs (the front-end process's link) gives it a consumer instead
+  (`consume`): the delivery hands each output over at once, with no task woken per
+  output.
 """
 
 from __future__ import annotations
@@ -29,11 +32,22 @@ class OutputStream:
     def __init__(self) -> None:
         self._buffer: deque[RequestOutput] = deque()
         self._ready = asyncio.Event()
+        self._consumer: Callable[[RequestOutput], None] | None = None
 
     def push(self, out: RequestOutput) -> None:
         """Called on the asyncio loop's thread."""
+        if self._consumer is not None:
+            self._consumer(out)
+            return
         self._buffer.append(out)
         self._ready.set()
+
+    def consume(self, consumer: Callable[[RequestOutput], None]) -> None:
+        """From now on every output goes to `consumer` as it is delivered (those already
+        buffered first), on the asyncio loop's thread; `next_batch` is not used again."""
+        while self._buffer:
+            consumer(self._buffer.popleft())
+        self._consumer = consumer
 
     async def next_batch(self) -> list[RequestOutput]:
         """Every output delivered since the last call (at least one; waits for it)."""
