@@ -1,6 +1,7 @@
-"""The LORAPLEX_* environment variables, read here and nowhere else.
+"""The LORAPLEX_* environment variables, read here and nowhere else; also
+TRITON_CACHE_DIR, which `engine serve` respects.
 
-Each one is the fallback of a flag, read when a command's parser is built (or, for
+Each LORAPLEX_* one is the fallback of a flag, read when a command's parser is built (or, for
 `--adapter-root`, when its flags are known), so a variable means the same to every
 command that takes it. Torch-free: `loraplex --help` stays quick.
 """
@@ -38,6 +39,11 @@ def api_key() -> str:
 def cache_dir() -> Path:
     """Where `--model default` is converted to."""
     return Path(_env("LORAPLEX_CACHE_DIR", str(Path.home() / ".cache" / "loraplex" / "models")))
+
+
+def triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels, when the user says ("" = not set)."""
+    return _env("TRITON_CACHE_DIR")
 
 
 def data_dir() -> Path:

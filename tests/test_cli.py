@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,25 @@ def test_engine_on_a_taken_port_says_so(tiny_llama31_path):
         )
     assert done.returncode == 2
     assert "error: Failed to bind" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_engine_kernels_are_cached_beside_the_models(tmp_path, monkeypatch):
+    """A restarted engine whose models cache survives (a volume) finds its Triton
+    kernels compiled there; an explicit TRITON_CACHE_DIR wins; a models cache that
+    cannot be written leaves Triton's default alone."""
+    from loraplex.cli import use_kernel_cache
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    use_kernel_cache(tmp_path / "models")
+    cache = tmp_path / "models" / ".triton-cache"
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache) and cache.is_dir()
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    use_kernel_cache(tmp_path / "models")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    use_kernel_cache(blocked)
+    assert "TRITON_CACHE_DIR" not in os.environ
