@@ -91,8 +91,12 @@ class Generation:
         def on_output(out: RequestOutput) -> None:
             if last.done():
                 return
-            self._timer.on_output(out)
-            send(out)
+            try:
+                self._timer.on_output(out)
+                send(out)
+            except Exception as exc:  # fails this call, not the delivery to the others
+                last.set_exception(exc)
+                return
             if out.finish_reason is not None:
                 self.finished = True
                 last.set_result(None)
