@@ -17,8 +17,8 @@ from engine.formats.errors import AdapterFormatError
 from engine.lora import hashed_read
 from engine.lora.hashed_read import VERIFIED_DIGESTS, DigestCache, ReadBuffers, read_hashed
 from engine.lora.peft_format import load_adapter
-from engine.model.config import ModelConfig, load_model_config
-from tests.adapter_factory import make_peft_adapter, make_tiny_llama
+from engine.model.config import ModelConfig
+from tests.adapter_factory import make_peft_adapter
 
 MAX_RANK = 8
 WEIGHTS = "adapter_model.safetensors"
@@ -131,16 +131,6 @@ def test_read_buffers_are_reused_and_bounded(tmp_path: Path) -> None:
     buffers.give(bytearray(1 << 20))  # over the bound: the oldest goes
     assert buffers.spare_bytes == 2 << 20
     assert read_hashed(path, None, buffers).data is not buffer
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def model_config(base_dir: Path) -> ModelConfig:
-    return load_model_config(base_dir)
 
 
 def test_a_reloaded_adapter_is_not_hashed_again_and_a_rewritten_one_is_checked(

@@ -11,8 +11,8 @@ import torch
 
 from engine.formats.adapter_header import validate_adapter_header
 from engine.lora.peft_format import LoraWeights, load_adapter
-from engine.model.config import PROJECTIONS, ModelConfig, load_model_config
-from tests.adapter_factory import make_peft_adapter, make_tiny_llama
+from engine.model.config import PROJECTIONS, ModelConfig
+from tests.adapter_factory import make_peft_adapter
 
 MAX_RANK = 16
 
@@ -41,16 +41,6 @@ VARIANTS = {
         rank_pattern={"gate_proj": 3},
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def model_config(base_dir: Path) -> ModelConfig:
-    return load_model_config(base_dir)
 
 
 def peft_modules(base_dir: Path, adapter_dir: Path) -> dict[tuple[int, str], torch.nn.Module]:

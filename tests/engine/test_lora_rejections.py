@@ -15,23 +15,13 @@ from safetensors.torch import load_file, save_file
 from engine.formats.adapter_header import validate_adapter_header
 from engine.formats.errors import AdapterFormatError
 from engine.lora.peft_format import load_adapter
-from engine.model.config import ModelConfig, load_model_config
+from engine.model.config import ModelConfig
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama
 
 MAX_RANK = 8
 WEIGHTS = "adapter_model.safetensors"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def model_config(base_dir: Path) -> ModelConfig:
-    return load_model_config(base_dir)
 
 
 @pytest.fixture(scope="module")
