@@ -265,6 +265,19 @@ def test_rejection(
         validate_adapter_header(folder, model_config, MAX_RANK)
 
 
+def test_an_a_weight_beyond_the_serving_dtype_is_refused(
+    good_adapter: Path, model_config: ModelConfig, tmp_path: Path
+) -> None:
+    folder = tmp_path / "adapter"
+    shutil.copytree(good_adapter, folder)
+    edit_tensors(folder, set_value(Q_A, 1e6))  # finite in float32, Inf in float16
+    assert load_adapter(folder, model_config, MAX_RANK).groups
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(folder, model_config, MAX_RANK, dtype=torch.float16)
+    assert caught.value.reason == "non_finite"
+    assert Q_A in str(caught.value) and "torch.float16" in str(caught.value)
+
+
 def test_real_dora_adapter_is_refused(
     base_dir: Path, model_config: ModelConfig, tmp_path: Path
 ) -> None:
