@@ -177,18 +177,28 @@ def _pack(
         alloc = torch.empty if full else torch.zeros
         a = alloc(layout.a_shape(num_layers, rank), dtype=dtype, pin_memory=pin_memory)
         b = alloc(layout.b_shape(num_layers, rank), dtype=dtype, pin_memory=pin_memory)
-        for spec in specs:
-            index = SLICE_OF[spec.projection][1]
-            begin, end = layout.slice_offsets[index : index + 2]
-            a[spec.layer, index, : spec.rank].copy_(_tensor(data, header[spec.a_name]))  # [r, in]
-            packed = b[spec.layer, begin:end, : spec.rank]  # [out, r]
-            _scale_into(packed, _tensor(data, header[spec.b_name]), spec.scaling)
         groups[group] = (a, b)
+        for spec in specs:
+            a_rows, b_rows = _packed_rows(groups, layouts, spec)
+            a_rows.copy_(_tensor(data, header[spec.a_name]))
+            _scale_into(b_rows, _tensor(data, header[spec.b_name]), spec.scaling)
     # A non-finite source weight stays non-finite through the cast and the scaling, and
     # the rows not written are zeros: one reduction per packed tensor sees every problem.
     if not all(_all_finite(t) for pair in groups.values() for t in pair):
         _raise_non_finite(path, data, header, summary, layouts, groups, dtype)
     return groups
+
+
+def _packed_rows(
+    groups: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    layouts: Mapping[str, GroupLayout],
+    spec: LoraModuleSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where one module's A `[r, in]` and scaled B `[out, r]` sit in its group's image."""
+    group, index = SLICE_OF[spec.projection]
+    begin, end = layouts[group].slice_offsets[index : index + 2]
+    a, b = groups[group]
+    return a[spec.layer, index, : spec.rank], b[spec.layer, begin:end, : spec.rank]
 
 
 def _scale_into(packed: torch.Tensor, source: torch.Tensor, scaling: float) -> None:
@@ -219,13 +229,11 @@ def _raise_non_finite(
     """Name the first problem, checked in this order: a weight in the file, a scaled B,
     a cast A (each in the order of the modules)."""
     _check_finite(path, data, header, summary.modules)
-    for group, layout in layouts.items():
+    for group in layouts:
         for spec in summary.modules:
-            target_group, index = SLICE_OF[spec.projection]
-            if target_group != group:
+            if SLICE_OF[spec.projection][0] != group:
                 continue
-            begin, end = layout.slice_offsets[index : index + 2]
-            if not _all_finite(groups[group][1][spec.layer, begin:end, : spec.rank]):
+            if not _all_finite(_packed_rows(groups, layouts, spec)[1]):
                 # Finite weights times a finite but huge alpha/r overflow (in float32, or
                 # in the cast to a narrower serving dtype): Inf here means garbage served.
                 raise AdapterMalformed(
@@ -235,8 +243,7 @@ def _raise_non_finite(
                     "adapter_config.json is far too large for these weights: fix it",
                 )
     for spec in summary.modules:
-        group, index = SLICE_OF[spec.projection]
-        if not _all_finite(groups[group][0][spec.layer, index, : spec.rank]):
+        if not _all_finite(_packed_rows(groups, layouts, spec)[0]):
             raise AdapterMalformed(
                 "non_finite",
                 f"tensor {spec.a_name} in {path} has values beyond the range of {dtype}, "
