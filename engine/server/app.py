@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,7 +110,9 @@ def build_engine(
     running in the background. `parts.config` is `config` with `max_loras` resolved.
     `before_adapter_read(adapter_id)` is the registry's hook (tests hold loads there)."""
     dtype = getattr(torch, config.dtype)
+    start = time.perf_counter()
     model = load_model(config.model_path, dtype=dtype, device=config.device)
+    log.info("loaded the model's weights in %.1f s", time.perf_counter() - start)
     model_config = model.config
     tokenizer = Tokenizer(config.model_path)
     # Slots first, then the KV cache from the memory they leave.
