@@ -76,20 +76,25 @@ class EngineProcess:
 
     def wait_serving(self, timeout_s: float) -> float:
         """Poll gRPC health until SERVING; seconds from spawn. BenchError when the
-        process dies or `timeout_s` passes (works whatever EngineAdmin requires)."""
+        process dies or `timeout_s` passes (works whatever EngineAdmin requires).
+
+        Every poll dials a fresh channel, as a readiness probe does: a channel whose
+        connects were refused waits out a growing reconnect backoff (tens of seconds
+        after a minute of refusals) and would see the open port that much late."""
         deadline = self.spawned_at + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check_alive("starting")
+        while True:
+            self._check_alive("starting")
+            with grpc.insecure_channel(self.target) as channel:
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return time.monotonic() - self.spawned_at
                 except grpc.RpcError:
                     pass
-                self._check_deadline(deadline, timeout_s, "to report SERVING")
-                time.sleep(0.2)
+            self._check_deadline(deadline, timeout_s, "to report SERVING")
+            time.sleep(0.1)
 
     def __enter__(self) -> EngineProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
