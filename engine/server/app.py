@@ -125,6 +125,14 @@ def build_engine(
         dtype,
         config.device,
     )
+    log.info(
+        "KV cache of %d blocks of %d tokens (%.1f GiB), %d adapter slots (%.1f GiB)",
+        kv_cache.num_blocks,
+        config.block_size,
+        kv_cache.nbytes() / 2**30,
+        config.max_loras,
+        config.max_loras * slot_bytes(model_config, config.max_lora_rank, dtype) / 2**30,
+    )
     use_graphs = _uses_cuda_graphs(config, model, kv_cache)
     limits = _kv_limits(config, model_config, kv_cache, use_graphs)
     scheduler = _scheduler(config, limits)
