@@ -1,0 +1,195 @@
+"""Engine start-up: how long a real `loraplex engine serve` takes from spawn to SERVING
+on the serving benchmark's model and adapters, cold (an empty Triton kernel cache, so
+every kernel compiles: a node's first start) and then warm (a restart that finds the
+kernels the cold start compiled), split into the phases the engine logs.
+
+    python3 bench/bench_startup.py --out-dir bench/results --commit <sha>     # H200, 8B
+    .venv/bin/python bench/bench_startup.py --preset tiny --out-dir /tmp/startup-tiny
+
+Issue 7's target is SERVING within 15 s of the weights being loaded, so the figure to
+read is `after_weights_s`: from the engine's "loaded the model's weights" log line to
+its "engine serving on" line. Each start gets its own Triton cache folder under
+--work-dir (the cold one emptied first); after the cold start the kernels it compiled
+are counted by name. `--py-spy DIR` records each start with py-spy (on PATH).
+Writes <out-dir>/startup_<preset>_<machine>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench_serving import build_fixtures, engine_args, log
+from serving_engine import BenchError, EngineProcess
+from serving_host import HostProbe
+from serving_report import git_commit, machine_info, machine_tag
+from serving_spec import PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Phase -> the engine log line that reports its seconds.
+PHASES = {
+    "weights_s": r"loaded the model's weights in ([\d.]+) s",
+    "decode_graphs_s": r"captured \d+ decode CUDA graphs in ([\d.]+) s",
+    "mixed_graphs_s": r"captured \d+ mixed-step CUDA graphs in ([\d.]+) s",
+    "warm_up_s": r"warmed up the eager path in ([\d.]+) s",
+    "preload_s": r"preloaded \d+ adapters in ([\d.]+) s",
+}
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="8b")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-bench"))
+    parser.add_argument("--commit", default="", help="recorded as is (default: git HEAD)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-loras", type=int, default=32)
+    parser.add_argument("--starts", default="cold,warm", help="comma list of cold / warm")
+    parser.add_argument(
+        "--engine-arg", action="append", default=[], help="extra engine flag (repeatable)"
+    )
+    parser.add_argument("--machine-tag", default="", help="default: from the GPU name")
+    parser.add_argument("--py-spy", type=Path, default=None, help="record each start here")
+    args = parser.parse_args(argv)
+    starts = args.starts.split(",")
+    if not starts or any(s not in ("cold", "warm") for s in starts):
+        parser.error(f"--starts takes cold and/or warm, got {args.starts!r}")
+    if args.py_spy is not None and shutil.which("py-spy") is None:
+        parser.error("--py-spy needs the py-spy program on PATH (pip install py-spy)")
+    return args
+
+
+def log_phases(text: str) -> dict[str, float]:
+    """Seconds of each phase the engine logged, and `after_weights_s`: from the weights
+    line to the "engine serving on" line (`other_s`: what the phases between leave)."""
+    phases: dict[str, float] = {}
+    stamps: dict[str, datetime] = {}
+    for line in text.splitlines():
+        for name, pattern in PHASES.items():
+            if found := re.search(pattern, line):
+                phases[name] = float(found.group(1))
+                if name == "weights_s" and (stamp := _STAMP.match(line)):
+                    stamps["weights"] = _parse_stamp(stamp.group(1))
+        if "engine serving on" in line and (stamp := _STAMP.match(line)):
+            stamps["serving"] = _parse_stamp(stamp.group(1))
+    if "weights" in stamps and "serving" in stamps:
+        after = (stamps["serving"] - stamps["weights"]).total_seconds()
+        phases["after_weights_s"] = after
+        between = ("decode_graphs_s", "mixed_graphs_s", "warm_up_s")
+        phases["other_s"] = after - sum(phases.get(name, 0.0) for name in between)
+    return phases
+
+
+def _parse_stamp(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
+
+
+def compiled_kernels(cache_dir: Path) -> dict[str, int]:
+    """Kernel name -> how many variants of it sit compiled in a Triton cache folder."""
+    names = Counter(
+        path.stem
+        for path in cache_dir.rglob("*.json")
+        if not path.name.startswith("__grp__") and path.with_suffix(".cubin").exists()
+    )
+    return dict(names.most_common())
+
+
+def one_start(args: argparse.Namespace, fixtures: dict, kind: str) -> dict[str, Any]:
+    preset = PRESETS[args.preset]
+    cache = args.work_dir / f"triton-cache-{args.preset}"
+    if kind == "cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    os.environ["TRITON_CACHE_DIR"] = str(cache)  # the engine inherits it
+    flags = engine_args(preset, fixtures, args.max_loras, args.engine_arg)
+    log_path = args.work_dir / f"startup-{args.preset}-{kind}.log"
+    with EngineProcess(flags, log_path) as engine:
+        log(f"{kind} start: engine spawned, log {log_path}")
+        with HostProbe(engine.pid, f"startup_{kind}", args.py_spy):
+            ready = engine.wait_ready(preset.num_adapters, preset.start_timeout_s)
+        code = engine.stop()
+    if code not in (0, None):
+        raise BenchError(f"the engine exited with code {code} after a {kind} start")
+    view = {
+        "start": kind,
+        "command": shlex.join(engine.command),
+        "spawn_to_serving_s": ready["spawn_to_serving_s"],
+        "spawn_to_adapters_loaded_s": ready["spawn_to_adapters_loaded_s"],
+        **log_phases(log_path.read_text(errors="replace")),
+    }
+    if kind == "cold":
+        view["kernels_compiled"] = compiled_kernels(cache)
+    log(
+        f"{kind} start: SERVING {view['spawn_to_serving_s']:.1f} s after spawn, "
+        f"{view.get('after_weights_s', float('nan')):.1f} s after the weights"
+    )
+    return view
+
+
+def markdown(result: dict[str, Any]) -> str:
+    columns = ["spawn_to_serving_s", "weights_s", "after_weights_s", *PHASES, "other_s"]
+    columns = list(dict.fromkeys(columns))  # weights_s once
+    lines = [
+        f"# Engine start-up, preset {result['preset']}, {result['machine'].get('gpu')}",
+        "",
+        f"- Command: `{result['command']}`",
+        f"- Commit: {result['commit']}",
+        "",
+        "| start | " + " | ".join(c.removesuffix("_s").replace("_", " ") for c in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for run in result["starts"]:
+        cells = [f"{run[c]:.1f}" if c in run else "" for c in columns]
+        lines.append(f"| {run['start']} | " + " | ".join(cells) + " |")
+    for run in result["starts"]:
+        if "kernels_compiled" in run:
+            counts = run["kernels_compiled"]
+            listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+            lines += ["", f"Kernels compiled by the cold start ({sum(counts.values())}): {listed}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    machine = machine_info()
+    commit, dirty = git_commit(ROOT)
+    result: dict[str, Any] = {
+        "bench": "startup",
+        "preset": preset.name,
+        "command": shlex.join(sys.orig_argv),
+        "commit": args.commit or commit,
+        "dirty": bool(dirty) and not args.commit,
+        "machine": machine,
+        "starts": [],
+    }
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fixtures = build_fixtures(preset, args.work_dir, args.seed)
+        for kind in args.starts.split(","):
+            result["starts"].append(one_start(args, fixtures, kind))
+    except (BenchError, OSError) as exc:
+        print(f"bench_startup: FAILED: {exc}", file=sys.stderr, flush=True)
+        return 1
+    stem = f"startup_{preset.name}_{args.machine_tag or machine_tag(machine)}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (args.out_dir / f"{stem}.md").write_text(table)
+    log(f"wrote {args.out_dir / stem}.json and .md")
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
