@@ -31,26 +31,27 @@ MAX_SPLITS = 16
 
 
 # Ints that change from step to step are not specialised on: else each new value class
-# (1, a multiple of 16, other) compiles another variant while requests wait.
-@triton.jit(do_not_specialize=['stride_tb'])
+# (1, a multiple of 16, other) compiles another variant while requests wait. The split
+# count is a plain argument too: it follows the batch size, and as a constexpr it made
+# each decode-graph bucket compile its own pair of kernels at start-up.
+@triton.jit(do_not_specialize=["stride_tb", "num_splits"])
 def _paged_decode_kernel(
     q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
-    scale,
+    scale, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_kv, stride_kb, stride_ks, stride_kh, stride_kd,
     stride_tb, stride_tn,
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), TILE) * TILE
+    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), TILE) * TILE
     lo = split * per_split
     hi = tl.minimum(lo + per_split, ctx)
 
@@ -88,34 +89,34 @@ def _paged_decode_kernel(
         m = m_new
 
     store_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         out = acc / l_sum[:, None]
         o_rows = out_ptr + seq * stride_ob + heads[:, None] * stride_oh
         tl.store(
             o_rows + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=store_mask
         )
     else:
-        # Partials [B, H, NUM_SPLITS, BLOCK_D] and (m, l) [B, H, NUM_SPLITS, 2], all written
+        # Partials [B, H, num_splits, BLOCK_D] and (m, l) [B, H, num_splits, 2], all written
         # (an empty split stores acc 0, m -inf, l 0) so the merge never reads garbage.
-        part_row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * NUM_SPLITS + split
+        part_row = (seq * (GROUP * tl.num_programs(1)) + heads).to(tl.int64) * num_splits + split
         tl.store(part_acc_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=store_mask)
         tl.store(part_ml_ptr + part_row * 2, m, mask=g_mask)
         tl.store(part_ml_ptr + part_row * 2 + 1, l_sum, mask=g_mask)
 
 
-@triton.jit
+# One variant for every split count: the splits load as one [MAX_SPLITS] masked vector.
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr,
-    stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    stride_ob, stride_oh, stride_od, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
-    part_row = (seq * tl.num_programs(1) + head).to(tl.int64) * NUM_SPLITS + offs_s
+    part_row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits + offs_s
     m = tl.load(part_ml_ptr + part_row * 2, mask=s_mask, other=float("-inf"))
     l_sum = tl.load(part_ml_ptr + part_row * 2 + 1, mask=s_mask, other=0.0)
     # Split 0 is never empty (context >= 1), so m_max is finite and empty splits weigh 0.
@@ -165,8 +166,9 @@ def paged_decode_attention(
     cached tokens (which must include the token's own k/v, already written).
 
     `max_context_len` is any upper bound of `context_lens` (it only sizes the split
-    count); `num_splits` None chooses it. Launches only: no host sync, no allocation
-    that depends on device values, so it can be captured in a CUDA graph.
+    count); `num_splits` (at most `MAX_SPLITS`) None chooses it. Launches only: no host
+    sync, no allocation that depends on device values, so it can be captured in a CUDA
+    graph.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, kv_dim = kv_layer.shape
@@ -179,6 +181,8 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_context_len, q.device)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be within 1..{MAX_SPLITS}, got {splits}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     on_gpu = q.is_cuda
     # Parts are only touched when splitting; a 1-element stand-in keeps the signature.
@@ -188,7 +192,7 @@ def paged_decode_attention(
     _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, kv_layer, block_tables, context_lens,
         out, part_acc, part_ml,
-        scale,
+        scale, splits,
         *q.stride(),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
         kv_layer.stride(3), kv_layer.stride(4),
@@ -196,16 +200,15 @@ def paged_decode_attention(
         *out.stride(),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, TILE=64 if on_gpu else 32, NUM_SPLITS=splits,
+        BLOCK_SIZE=block_size, TILE=64 if on_gpu else 32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2 if on_gpu else 1,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, out,
-            *out.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+            *out.stride(), splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=MAX_SPLITS,
             num_warps=4 if block_d >= 128 else 2,
         )  # fmt: skip
     return out
