@@ -104,32 +104,34 @@ def _paged_decode_kernel(
         tl.store(part_ml_ptr + part_row * 2 + 1, l_sum, mask=g_mask)
 
 
-# One variant for every split count: the splits load as one [MAX_SPLITS] masked vector.
+# One variant for every split count: the splits are folded in one by one, each rescaling
+# what came before (a [MAX_SPLITS] vector load wasted more than it overlapped).
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr,
     stride_ob, stride_oh, stride_od, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    s_mask = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
-    part_row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits + offs_s
-    m = tl.load(part_ml_ptr + part_row * 2, mask=s_mask, other=float("-inf"))
-    l_sum = tl.load(part_ml_ptr + part_row * 2 + 1, mask=s_mask, other=0.0)
-    # Split 0 is never empty (context >= 1), so m_max is finite and empty splits weigh 0.
-    m_max = tl.max(m, axis=0)
-    weight = tl.exp(m - m_max)  # [SPLITS_PAD]
-    acc = tl.load(
-        part_acc_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :],
-        mask=s_mask[:, None],
-        other=0.0,
-    )  # [SPLITS_PAD, BLOCK_D]
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l_sum * weight, axis=0)
+    first_row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
+    # Split 0 is never empty (context >= 1): m is finite from it on, and an empty split
+    # (m -inf, l 0, acc 0) then weighs exp(-inf) = 0.
+    m = tl.load(part_ml_ptr + first_row * 2)
+    l_sum = tl.load(part_ml_ptr + first_row * 2 + 1)
+    acc = tl.load(part_acc_ptr + first_row * BLOCK_D + offs_d)
+    for split in range(1, num_splits):
+        row = first_row + split
+        m_split = tl.load(part_ml_ptr + row * 2)
+        m_new = tl.maximum(m, m_split)
+        keep = tl.exp(m - m_new)
+        take = tl.exp(m_split - m_new)
+        l_sum = l_sum * keep + tl.load(part_ml_ptr + row * 2 + 1) * take
+        acc = acc * keep + tl.load(part_acc_ptr + row * BLOCK_D + offs_d) * take
+        m = m_new
     o_ptrs = out_ptr + seq * stride_ob + head * stride_oh + offs_d * stride_od
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(o_ptrs, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @functools.lru_cache(maxsize=8)
@@ -208,7 +210,7 @@ def paged_decode_attention(
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, out,
             *out.stride(), splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=MAX_SPLITS,
+            HEAD_DIM=head_dim, BLOCK_D=block_d,
             num_warps=4 if block_d >= 128 else 2,
         )  # fmt: skip
     return out

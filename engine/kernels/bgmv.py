@@ -212,8 +212,7 @@ def bgmv_expand(
         *lora_b.stride(),
         out.stride(0), out.stride(1),
         N_SLICES=len(slice_offsets) - 1, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
-        # One variant whatever the split count (masked planes cost no memory traffic):
-        # each count compiling its own made start-up slower by a compile per bucket.
-        SPLIT_PAD=MAX_SPLIT_K,
+        # Two variants only, whatever the split count: unsplit, or room for the most.
+        SPLIT_PAD=1 if num_splits == 1 else MAX_SPLIT_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if out.is_cuda else 1,
     )  # fmt: skip
