@@ -17,8 +17,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import torch
@@ -58,6 +60,7 @@ from loraplex.metrics_http import serve_metrics
 from loraplex.v1 import engine_admin_pb2, engine_admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # --max-loras 0 (auto) on CUDA: the slots may take this share of the device memory free
 # after the model loads, up to this many slots; on the CPU the old fixed default.
@@ -110,11 +113,11 @@ def build_engine(
     running in the background. `parts.config` is `config` with `max_loras` resolved.
     `before_adapter_read(adapter_id)` is the registry's hook (tests hold loads there)."""
     dtype = getattr(torch, config.dtype)
+    tokenizer_load = _in_background(Tokenizer, config.model_path)
     start = time.perf_counter()
     model = load_model(config.model_path, dtype=dtype, device=config.device)
     log.info("loaded the model's weights in %.1f s", time.perf_counter() - start)
     model_config = model.config
-    tokenizer = Tokenizer(config.model_path)
     # Slots first, then the KV cache from the memory they leave.
     config = dataclasses.replace(config, max_loras=_num_lora_slots(config, model_config, dtype))
     pool = LoraSlotPool(model_config, config.max_loras, config.max_lora_rank, dtype, config.device)
@@ -138,6 +141,7 @@ def build_engine(
     scheduler = _scheduler(config, limits)
     adapters = _adapter_registry(config, model_config, dtype, before_read=before_adapter_read)
     runner = _runner(config, model, kv_cache, pool, limits, use_graphs)
+    tokenizer = tokenizer_load.result()
     metrics = EngineMetrics()
     engine = EngineLoop(
         scheduler,
@@ -172,6 +176,17 @@ def build_engine(
         metrics=metrics,
         preloader=preloader,
     )
+
+
+def _in_background(fn: Callable[..., T], *args: object) -> Future[T]:
+    """`fn(*args)` on a thread of its own. For the tokenizer: importing transformers'
+    AutoTokenizer takes seconds (7 s of a 15 s restart on the H200 host) and needs no
+    GPU, so it runs beside the weight load and graph capture instead of before them."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=getattr(fn, "__name__", "background"))
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends once `fn` has returned
 
 
 @dataclass(frozen=True)
