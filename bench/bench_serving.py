@@ -34,7 +34,13 @@ sys.path.insert(0, str(ROOT))
 from serving_client import RequestSpec  # noqa: E402
 from serving_engine import BenchError, EngineProcess  # noqa: E402
 from serving_host import HostProbe  # noqa: E402
-from serving_report import git_commit, machine_info, machine_tag, markdown  # noqa: E402
+from serving_report import (  # noqa: E402
+    git_commit,
+    machine_info,
+    machine_tag,
+    markdown,
+    write_result,
+)
 from serving_spec import PRESETS, Preset, adapter_ids  # noqa: E402
 from serving_stats import decode_floor, engine_view, summarize_runs  # noqa: E402
 from serving_workloads import ClientPool, RunResult, build, expand  # noqa: E402
@@ -264,10 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if clients is not None:
             clients.close()
     result["wall_s"] = time.monotonic() - _T0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (args.out_dir / f"{stem}.md").write_text(table)
+    write_result(args.out_dir, stem, result, table)
     log(f"wrote {args.out_dir / stem}.json and .md ({result['wall_s']:.0f} s in all)")
     print(table, flush=True)
     return 0

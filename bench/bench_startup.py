@@ -17,7 +17,6 @@ Writes <out-dir>/startup_<preset>_<machine>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -31,7 +30,7 @@ from typing import Any
 from bench_serving import build_fixtures, engine_args, log
 from serving_engine import BenchError, EngineProcess
 from serving_host import HostProbe
-from serving_report import git_commit, machine_info, machine_tag
+from serving_report import git_commit, machine_info, machine_tag, write_result
 from serving_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,10 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_startup: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
     stem = f"startup_{preset.name}_{args.machine_tag or machine_tag(machine)}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (args.out_dir / f"{stem}.md").write_text(table)
+    write_result(args.out_dir, stem, result, table)
     log(f"wrote {args.out_dir / stem}.json and .md")
     print(table, flush=True)
     return 0

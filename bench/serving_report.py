@@ -7,6 +7,7 @@ package metadata): the engine process should have the GPU to itself.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -74,6 +75,13 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return sha, bool(dirty)
+
+
+def write_result(out_dir: Path, stem: str, result: dict[str, Any], table: str) -> None:
+    """`<out_dir>/<stem>.json` (every number) and `.md` (the table)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(table)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
