@@ -10,10 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.config import EngineConfig
 from engine.formats.checkpoint import checkpoint_files, model_fingerprint
 from engine.kv_cache import KVCache, bytes_per_block, num_blocks_for_bytes
 from engine.model.config import ModelFormatError, load_model_config
 from engine.model.loader import load_model
+from engine.server.app import build_engine
 
 
 def _copy_with_weights(src: Path, dst: Path, weights: dict[str, torch.Tensor] | None) -> Path:
@@ -138,3 +140,17 @@ def test_kv_cache_sizes(tiny_llama31_path: Path) -> None:
     cache = KVCache(config, num_blocks=10, block_size=16, dtype=torch.bfloat16, device="cpu")
     assert cache.nbytes() == 10 * per_block
     assert cache.layer(2).shape == (2, 10, 16, 2, 16)
+
+
+def test_engine_refuses_a_model_folder_without_a_tokenizer(
+    tiny_llama31_path: Path, tmp_path: Path
+) -> None:
+    """The tokenizer loads on a thread beside the weights; its failure must still stop the
+    start with the error that names the folder, not vanish with the thread."""
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(
+        tiny_llama31_path, folder, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*")
+    )
+    config = EngineConfig(model_path=folder, port=0, kv_cache_tokens=256)
+    with pytest.raises(ModelFormatError, match=f"cannot load the tokenizer from {folder}"):
+        build_engine(config)
