@@ -53,24 +53,29 @@ def log(message: str) -> None:
     print(f"[{stamp} +{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def fixture_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every benchmark that runs an engine on the serving fixtures."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="8b")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-bench"))
     parser.add_argument("--commit", default="", help="recorded as is (default: git HEAD)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--engine-arg", action="append", default=[], help="extra engine flag (repeatable)"
+    )
+    parser.add_argument("--machine-tag", default="", help="default: from the GPU name")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    fixture_arguments(parser)
     parser.add_argument("--workloads", default="W1,W2,B1,W3", help="groups or single names")
     parser.add_argument("--max-loras", default="", help="comma list; one engine per value")
     parser.add_argument(
         "--workloads-at-100", default="W2-lora", help="what the --max-loras 100 engine runs"
     )
-    parser.add_argument(
-        "--engine-arg", action="append", default=[], help="extra engine flag (repeatable)"
-    )
     parser.add_argument("--engine-root", type=Path, default=None, help="run that checkout")
     parser.add_argument("--client-procs", type=int, default=0, help="0 = the preset's")
-    parser.add_argument("--machine-tag", default="", help="default: from the GPU name")
     parser.add_argument("--w3-rates", default="", help="requests/s, comma list (default: preset)")
     parser.add_argument("--w3-duration", type=float, default=0.0, help="s per W3 rate")
     parser.add_argument(
@@ -270,10 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         if clients is not None:
             clients.close()
     result["wall_s"] = time.monotonic() - _T0
-    table = markdown(result)
-    write_result(args.out_dir, stem, result, table)
-    log(f"wrote {args.out_dir / stem}.json and .md ({result['wall_s']:.0f} s in all)")
-    print(table, flush=True)
+    log(f"done in {result['wall_s']:.0f} s")
+    write_result(args.out_dir, stem, result, markdown(result))
     return 0
 
 

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench_serving import build_fixtures, engine_args, log
+from bench_serving import build_fixtures, engine_args, fixture_arguments, log
 from serving_engine import BenchError, EngineProcess
 from serving_host import HostProbe
 from serving_report import git_commit, machine_info, machine_tag, write_result
@@ -48,17 +48,9 @@ _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="8b")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/loraplex-bench"))
-    parser.add_argument("--commit", default="", help="recorded as is (default: git HEAD)")
-    parser.add_argument("--seed", type=int, default=0)
+    fixture_arguments(parser)
     parser.add_argument("--max-loras", type=int, default=32)
     parser.add_argument("--starts", default="cold,warm", help="comma list of cold / warm")
-    parser.add_argument(
-        "--engine-arg", action="append", default=[], help="extra engine flag (repeatable)"
-    )
-    parser.add_argument("--machine-tag", default="", help="default: from the GPU name")
     parser.add_argument("--py-spy", type=Path, default=None, help="record each start here")
     args = parser.parse_args(argv)
     starts = args.starts.split(",")
@@ -181,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_startup: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
     stem = f"startup_{preset.name}_{args.machine_tag or machine_tag(machine)}"
-    table = markdown(result)
-    write_result(args.out_dir, stem, result, table)
-    log(f"wrote {args.out_dir / stem}.json and .md")
-    print(table, flush=True)
+    write_result(args.out_dir, stem, result, markdown(result))
     return 0
 
 

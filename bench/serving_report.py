@@ -78,10 +78,11 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
 
 
 def write_result(out_dir: Path, stem: str, result: dict[str, Any], table: str) -> None:
-    """`<out_dir>/<stem>.json` (every number) and `.md` (the table)."""
+    """`<out_dir>/<stem>.json` (every number) and `.md` (the table); prints the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(table)
+    print(f"wrote {out_dir / stem}.json and .md\n\n{table}", flush=True)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
