@@ -6,11 +6,13 @@ kernels the cold start compiled), split into the phases the engine logs.
     python3 bench/bench_startup.py --out-dir bench/results --commit <sha>     # H200, 8B
     .venv/bin/python bench/bench_startup.py --preset tiny --out-dir /tmp/startup-tiny
 
-Issue 7's target is SERVING within 15 s of the weights being loaded, so the figure to
-read is `after_weights_s`: from the engine's "loaded the model's weights" log line to
-its "engine serving on" line. Each start gets its own Triton cache folder under
---work-dir (the cold one emptied first); after the cold start the kernels it compiled
-are counted by name. `--py-spy DIR` records each start with py-spy (on PATH).
+Issue 7's target is SERVING within 15 s of the weights being loaded: `after_weights_s`,
+from the engine's "loaded the model's weights" log line to its "engine serving on" line.
+Read it beside `spawn_to_serving_s`, what a restart costs: work that runs beside the
+weight load (the tokenizer) lengthens the weights phase instead. The starts share one
+Triton cache folder under --work-dir: a cold start empties it first, a warm one finds
+what the start before compiled; after a cold start the kernels it compiled are counted
+by name. `--py-spy DIR` records each start with py-spy (on PATH).
 Writes <out-dir>/startup_<preset>_<machine>.json and .md.
 """
 
