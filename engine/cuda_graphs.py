@@ -42,7 +42,7 @@ from engine.graph_inputs import (
     is_decode_only,
     pad_decode,
 )
-from engine.kernels import SGMV_MIN_AVG_SEGMENT
+from engine.kernels import SGMV_MIN_AVG_SEGMENT, shares_adapters
 from engine.kernels.meta import LoraKernelMeta
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
@@ -58,13 +58,12 @@ Variant = Literal["base", "bgmv", "sgmv"]
 
 
 def lora_form(seqs: Sequence[ScheduledSeq]) -> Variant:
-    """The variant for a step's rows: base when none has an adapter, SGMV when rows with
-    an adapter average `SGMV_MIN_AVG_SEGMENT` per distinct adapter (as `choose_form`
-    decides for eager steps), else BGMV."""
+    """The variant for a step's rows: base when none has an adapter, SGMV when the rows
+    with one share adapters (`shares_adapters`, as for eager steps), else BGMV."""
     slots = [s.adapter_slot for s in seqs if s.adapter_slot >= 0]
     if not slots:
         return "base"
-    return "sgmv" if len(slots) >= SGMV_MIN_AVG_SEGMENT * len(set(slots)) else "bgmv"
+    return "sgmv" if shares_adapters(len(slots), len(set(slots))) else "bgmv"
 
 
 class BucketGraphs:

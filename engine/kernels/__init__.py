@@ -8,6 +8,7 @@ from engine.kernels.lora_ops import (
     default_backend,
     lora_expand,
     lora_shrink,
+    shares_adapters,
     triton_available,
 )
 from engine.kernels.meta import MAX_SLICES, NO_SLOT, LoraKernelMeta, build_meta
@@ -24,5 +25,6 @@ __all__ = [
     "default_backend",
     "lora_expand",
     "lora_shrink",
+    "shares_adapters",
     "triton_available",
 ]

@@ -52,6 +52,13 @@ def default_backend(device: torch.device | str) -> Backend:
     return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
 
 
+def shares_adapters(num_active: int, num_adapters: int) -> bool:
+    """Whether `num_active` tokens with an adapter average `SGMV_MIN_AVG_SEGMENT` per
+    distinct adapter: SGMV's one read of an adapter per tile then beats BGMV's one per
+    token. The rule of eager steps (`choose_form`) and decode graphs alike."""
+    return num_active >= SGMV_MIN_AVG_SEGMENT * num_adapters
+
+
 def choose_form(meta: LoraKernelMeta) -> Form:
     """SGMV when adapters average `SGMV_MIN_AVG_SEGMENT` tokens in the batch or one has a
     `SGMV_LONG_SEGMENT`-token run (prefill, mixed batches); BGMV otherwise (decode)."""
@@ -59,7 +66,7 @@ def choose_form(meta: LoraKernelMeta) -> Form:
         return "bgmv"
     if meta.max_seg_len >= SGMV_LONG_SEGMENT:
         return "sgmv"
-    return "sgmv" if meta.num_active >= SGMV_MIN_AVG_SEGMENT * meta.num_segments else "bgmv"
+    return "sgmv" if shares_adapters(meta.num_active, meta.num_segments) else "bgmv"
 
 
 def _check_slices(slice_offsets: Sequence[int], n_slices: int, total_out: int) -> None:
