@@ -35,10 +35,9 @@ from serving_client import RequestSpec  # noqa: E402
 from serving_engine import BenchError, EngineProcess  # noqa: E402
 from serving_host import HostProbe  # noqa: E402
 from serving_report import (  # noqa: E402
-    git_commit,
-    machine_info,
     machine_tag,
     markdown,
+    result_header,
     write_result,
 )
 from serving_spec import PRESETS, Preset, adapter_ids  # noqa: E402
@@ -236,25 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     loras = [int(v) for v in args.max_loras.split(",") if v] or list(preset.max_loras)
     names = expand(args.workloads, preset)
     names_at_100 = expand(args.workloads_at_100, preset)
-    machine = machine_info()
-    tag = args.machine_tag or machine_tag(machine)
-    commit, dirty = git_commit(args.engine_root or ROOT)
-    stem = f"serving_{preset.name}_{tag}"
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "bench": "serving",
-        "preset": preset.name,
-        "command": shlex.join(sys.orig_argv),
-        "commit": args.commit or commit,
-        "dirty": bool(dirty) and not args.commit,
+        **result_header("serving", preset.name, args.commit, args.engine_root or ROOT),
         "engine_root": str(args.engine_root or ROOT),
-        "machine": machine,
         "seed": args.seed,
         "prompt_len": preset.prompt_len,
         "max_new_tokens": preset.max_new_tokens,
         "preset_spec": asdict(preset),
         "engines": [],
     }
+    stem = f"serving_{preset.name}_{args.machine_tag or machine_tag(result['machine'])}"
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     clients = None
     try:
         log(f"preset {preset.name}, max_loras {loras}, workloads {names}")

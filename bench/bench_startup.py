@@ -32,7 +32,7 @@ from typing import Any
 from bench_serving import build_fixtures, engine_args, fixture_arguments, log
 from serving_engine import BenchError, EngineProcess
 from serving_host import HostProbe
-from serving_report import git_commit, machine_info, machine_tag, write_result
+from serving_report import machine_tag, result_header, write_result
 from serving_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,17 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    machine = machine_info()
-    commit, dirty = git_commit(ROOT)
-    result: dict[str, Any] = {
-        "bench": "startup",
-        "preset": preset.name,
-        "command": shlex.join(sys.orig_argv),
-        "commit": args.commit or commit,
-        "dirty": bool(dirty) and not args.commit,
-        "machine": machine,
-        "starts": [],
-    }
+    result = {**result_header("startup", preset.name, args.commit, ROOT), "starts": []}
     args.work_dir.mkdir(parents=True, exist_ok=True)
     try:
         fixtures = build_fixtures(preset, args.work_dir, args.seed)
@@ -174,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, OSError) as exc:
         print(f"bench_startup: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
-    stem = f"startup_{preset.name}_{args.machine_tag or machine_tag(machine)}"
+    stem = f"startup_{preset.name}_{args.machine_tag or machine_tag(result['machine'])}"
     write_result(args.out_dir, stem, result, markdown(result))
     return 0
 

@@ -13,6 +13,7 @@ import platform
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,21 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return sha, bool(dirty)
+
+
+def result_header(bench: str, preset: str, commit: str, root: Path) -> dict[str, Any]:
+    """What every result file starts with: the bench, its preset, the exact command, the
+    commit (`commit` as given, else `root`'s HEAD and whether its tree was dirty) and
+    the machine."""
+    head, dirty = git_commit(root)
+    return {
+        "bench": bench,
+        "preset": preset,
+        "command": shlex.join(sys.orig_argv),
+        "commit": commit or head,
+        "dirty": bool(dirty) and not commit,
+        "machine": machine_info(),
+    }
 
 
 def write_result(out_dir: Path, stem: str, result: dict[str, Any], table: str) -> None:
