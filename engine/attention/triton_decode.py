@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engine.kernels.compile_ahead import launch
+
 # Fewer tokens than this per split and the merge costs more than the parallelism gains.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 16
@@ -191,7 +193,8 @@ def paged_decode_attention(
     part_shape = (num_seqs, num_heads, splits) if splits > 1 else (1, 1, 1)
     part_acc = q.new_empty((*part_shape, block_d), dtype=torch.float32)
     part_ml = q.new_empty((*part_shape, 2), dtype=torch.float32)
-    _paged_decode_kernel[(num_seqs, num_kv_heads, splits)](
+    launch(
+        _paged_decode_kernel, (num_seqs, num_kv_heads, splits),
         q, kv_layer, block_tables, context_lens,
         out, part_acc, part_ml,
         scale, splits,
@@ -207,7 +210,8 @@ def paged_decode_attention(
         num_warps=4, num_stages=2 if on_gpu else 1,
     )  # fmt: skip
     if splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
+        launch(
+            _merge_splits_kernel, (num_seqs, num_heads),
             part_acc, part_ml, out,
             *out.stride(), splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d,

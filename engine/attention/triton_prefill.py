@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engine.kernels.compile_ahead import launch
+
 _LOG2E = 1.4426950408889634
 
 
@@ -215,7 +217,8 @@ def varlen_paged_attention(
     # Sequence s gets programs [qsl[s] // block_q + s, qsl[s+1] // block_q + s + 1): at
     # least ceil(q_len / block_q) of them, and num_tokens // block_q + num_seqs in all.
     num_programs = num_tokens // (block_m // group) + num_seqs
-    _varlen_paged_kernel[(num_programs, num_kv_heads)](
+    launch(
+        _varlen_paged_kernel, (num_programs, num_kv_heads),
         q, kv_layer, out, block_tables, query_start_loc, context_lens,
         num_seqs, num_programs, scale * _LOG2E,
         *q.stride(),

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.compile_ahead import launch
 from engine.kernels.lora_ops import MAX_SPLIT_K
 from engine.kernels.meta import LoraKernelMeta
 from engine.kernels.triton_common import (
@@ -171,7 +172,8 @@ def bgmv_shrink(
     # Tokens past num_active have no slot; the grid still covers them so its size only
     # depends on T, not on how many tokens carry an adapter.
     grid = (meta.num_tokens, cdiv(n_rows, cfg.block_n), split_k)
-    _bgmv_shrink_kernel[grid](
+    launch(
+        _bgmv_shrink_kernel, grid,
         x, lora_a, h,
         meta.sorted_token_ids, meta.token_slots, meta.slot_ranks,
         in_features, meta.max_rank, n_rows, cfg.k_per_split(in_features),
@@ -204,7 +206,8 @@ def bgmv_expand(
     )
     num_splits = h.shape[0]
     grid = (meta.num_tokens, cdiv(total_out, cfg.block_n))
-    _bgmv_expand_kernel[grid](
+    launch(
+        _bgmv_expand_kernel, grid,
         h, lora_b, out,
         meta.sorted_token_ids, meta.token_slots, meta.slot_ranks,
         total_out, *padded_offsets(slice_offsets), num_splits,

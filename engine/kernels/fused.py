@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engine.kernels.compile_ahead import launch
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -65,7 +67,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
         return out
     block = triton.next_power_of_2(n_cols)
     res = residual if residual is not None else x
-    _add_rms_norm_kernel[(num_rows,)](
+    launch(
+        _add_rms_norm_kernel, (num_rows,),
         x, res, weight, out,
         x.stride(0), res.stride(0), out.stride(0),
         n_cols, eps,
@@ -160,7 +163,8 @@ def rope_qk_(
         cache_strides = (cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3))
         block_size = cache.shape[2]
     half = head_dim // 2
-    _rope_kernel[(num_tokens,)](
+    launch(
+        _rope_kernel, (num_tokens,),
         q, k, v, positions, slots, cos, sin, cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), *cache_strides,
@@ -197,7 +201,8 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
     if num_rows == 0:
         return out
     block = min(1024, triton.next_power_of_2(n_cols))
-    _silu_and_mul_kernel[(num_rows, triton.cdiv(n_cols, block))](
+    launch(
+        _silu_and_mul_kernel, (num_rows, triton.cdiv(n_cols, block)),
         gate_up, out, gate_up.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4
-    )
+    )  # fmt: skip
     return out

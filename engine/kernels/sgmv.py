@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.compile_ahead import launch
 from engine.kernels.meta import LoraKernelMeta
 from engine.kernels.triton_common import (
     LaunchConfig,
@@ -257,7 +258,8 @@ def sgmv_shrink(
     if split_k > h.shape[0]:
         raise ValueError(f"the shrink splits {split_k} ways but h has {h.shape[0]} planes")
     grid = (cdiv(n_rows, cfg.block_n) * split_k, num_tiles(meta, cfg.block_m))
-    _sgmv_shrink_kernel[grid](
+    launch(
+        _sgmv_shrink_kernel, grid,
         x, lora_a, h,
         meta.sorted_token_ids, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
         meta.num_segments, in_features, meta.max_rank, n_rows,
@@ -294,7 +296,8 @@ def sgmv_expand(
         meta, ("sgmv_expand", total_out, out.dtype, out.device), lambda: expand_config(out, meta)
     )
     grid = (cdiv(total_out, cfg.block_n), num_tiles(meta, cfg.block_m))
-    _sgmv_expand_kernel[grid](
+    launch(
+        _sgmv_expand_kernel, grid,
         h, lora_b, out,
         meta.sorted_token_ids, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
         meta.num_segments, total_out, *padded_offsets(slice_offsets), h.shape[0],

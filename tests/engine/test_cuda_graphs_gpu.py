@@ -9,7 +9,11 @@ GEMM M, BGMV vs SGMV) and greedy tokens agree exactly; bf16 is checked by closen
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -231,6 +235,57 @@ def test_bf16_replay_close_to_eager(gpu_setup) -> None:
     got = graphed.decode_graphs.run(batch.seqs)
     assert got is not None and torch.isfinite(got).all()
     torch.testing.assert_close(got, ref, atol=0.1, rtol=0.05)
+
+
+# Captures decode and mixed graphs over adapters on a fresh process; prints the Triton
+# compiles as [kernel, asked by the compile-ahead pass] pairs.
+_CAPTURE_AND_LIST_COMPILES = """
+import json, sys, torch
+from triton import knobs
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache import KVCache
+from engine.lora.peft_format import load_adapter
+from engine.lora.slot_pool import LoraSlotPool
+from engine.mixed_graphs import MixedGraphs
+from engine.model.loader import load_model
+
+compiles = []
+def record(*, fn, is_manual_warmup, **_):
+    compiles.append((fn.name, is_manual_warmup))
+    return False  # compile as usual
+knobs.runtime.jit_cache_hook = record
+
+base, adapter, blocks, seqs, rank = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+model = load_model(base, dtype=torch.bfloat16, device="cuda")
+pool = LoraSlotPool(model.config, 4, rank, torch.bfloat16, "cuda")
+pool.load_into_slot(0, load_adapter(adapter, model.config, rank))
+cache = KVCache(model.config, blocks, 16, torch.bfloat16, "cuda")
+args = dict(max_num_seqs=seqs, max_model_len=512, pad_block=blocks - 1)
+DecodeGraphs(model, cache, pool, **args).capture()
+MixedGraphs(model, cache, pool, max_tokens=256, **args).capture()
+print(json.dumps(compiles))
+"""
+
+
+def test_cold_capture_compiles_every_kernel_ahead(gpu_setup, tmp_path: Path) -> None:
+    """On an empty Triton cache (a node's first start) the decode and mixed graphs'
+    kernels all compile in the capture's compile-ahead pass, on threads: no capture run
+    stops to compile one of its own (~0.5 s each, one after another)."""
+    base, adapter_dirs, _ = gpu_setup
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    argv = [str(base), str(adapter_dirs[0]), str(NUM_BLOCKS), str(MAX_SEQS), str(MAX_RANK)]
+    done = subprocess.run(
+        [sys.executable, "-c", _CAPTURE_AND_LIST_COMPILES, *argv],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiles = json.loads(done.stdout.splitlines()[-1])
+    assert [name for name, ahead in compiles if not ahead] == []
+    kernels = {name for name, _ in compiles}
+    expected = {"_paged_decode_kernel", "_varlen_paged_kernel", "_rope_kernel"}
+    expected |= {"_bgmv_shrink_kernel", "_sgmv_shrink_kernel", "_sgmv_expand_kernel"}
+    assert expected <= kernels
 
 
 def test_engine_over_grpc_same_tokens_with_and_without_graphs(gpu_setup) -> None:

@@ -98,6 +98,27 @@ def test_rope_in_place_and_cache_store_equal_torch(head_dim: int) -> None:
     torch.testing.assert_close(kv_layer, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+def test_launches_while_compiling_ahead_only_compile() -> None:
+    """Inside `compiling_ahead()` a kernel launch is a compile request: the kernel does
+    not run (here q stays unrotated and the cache unwritten); after it, launches run."""
+    from engine.kernels.compile_ahead import compiling_ahead
+
+    config = _config(32)
+    rope = RotaryEmbedding(config, DEVICE)
+    q, k, v = (torch.randn(3, 2, 32).to(DEVICE) for _ in range(3))
+    positions = torch.tensor([1, 5, 9], device=DEVICE)
+    kv_layer = torch.zeros(2, 4, 4, 2, 32, device=DEVICE)
+    slots = torch.tensor([0, 1, 2], device=DEVICE)
+    q_before = q.clone()
+    with compiling_ahead() as compile_only:
+        rope.rotate_and_store_(q, k, v, positions, kv_layer, slots)
+    if not compile_only:
+        pytest.skip("this Triton has no asynchronous compiles (before 3.4)")
+    assert torch.equal(q, q_before) and not kv_layer.any()
+    rope.rotate_and_store_(q, k, v, positions, kv_layer, slots)
+    assert not torch.equal(q, q_before) and kv_layer.any()
+
+
 @pytest.mark.parametrize("inter", [48, 1536])  # 1536: more than one column block
 def test_silu_and_mul_equals_torch(inter: int) -> None:
     gen = torch.Generator().manual_seed(inter)

@@ -1,0 +1,63 @@
+"""Compile Triton kernels ahead, on threads, rather than one by one as a forward reaches them.
+
+A cold start (an empty Triton cache) compiles a few dozen kernel variants, ~0.5 s each
+on the H200 host (LLVM, ptxas, a C launcher built with gcc), one after another as the
+first runs of the CUDA graph captures reach them. Inside `compiling_ahead()` every
+Triton launch made through `launch` is a compile request instead: the kernel does not
+run, its variant (the same one the real launch would pick) goes to a pool of threads,
+through Triton's `AsyncCompileMode`, and leaving the block waits for every compile.
+The compiles overlap, and the real runs afterwards find each variant compiled.
+
+A forward run inside the block only gathers its variants: its torch ops still run, over
+whatever the skipped kernels left in their outputs, so it must write only to scratch
+(as the captures' padding-only forwards do) and nothing may read its results.
+
+Imports nothing from Triton until a block starts: the kernel modules call `launch`, and
+a CPU engine without Triton never opens those.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+# At most this many compile threads: past ~8 the GIL-bound parts of a compile dominate.
+MAX_COMPILE_THREADS = 16
+
+_compile_only: ContextVar[bool] = ContextVar("compile_only", default=False)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """`kernel[grid](*args, **kwargs)`; inside `compiling_ahead()`, a request to compile
+    the variant that launch needs, without running it."""
+    if _compile_only.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextmanager
+def compiling_ahead(threads: int | None = None) -> Iterator[bool]:
+    """Within the block, `launch` requests compiles on `threads` threads (default: the
+    host's cores, at most `MAX_COMPILE_THREADS`); leaving it waits for all of them and
+    raises the first compile error. Yields whether launches are compile requests: False
+    on a Triton without asynchronous compiles (before 3.4), where they run as usual."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        yield False
+        return
+    threads = threads or min(MAX_COMPILE_THREADS, os.cpu_count() or 1)
+    with (
+        ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool,
+        AsyncCompileMode(pool),
+    ):
+        token = _compile_only.set(True)
+        try:
+            yield True
+        finally:
+            _compile_only.reset(token)
