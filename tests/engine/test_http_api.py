@@ -102,7 +102,10 @@ def test_sync_client_chat_and_completions_match_grpc_streaming_or_not(engine) ->
 
 def test_async_client_streams_concurrently_with_versioned_and_alias_names(engine) -> None:
     """Three streams at once (two tenants); `tenant/name@version` names the same adapter
-    as its alias; seeded sampling repeats itself."""
+    as its alias; seeded sampling repeats itself. The seeded streams run one after the
+    other: run together, they may be batched with different rows (one admitted a step
+    later), and on this random model's near-flat distribution the last-bit differences
+    that makes in the logits can change which token a draw lands on."""
     want = _grpc(engine, "acme/pirate", 8).text
     want_globex = _grpc(engine, "globex/g", 8, tenant="globex").text
 
@@ -124,13 +127,10 @@ def test_async_client_streams_concurrently_with_versioned_and_alias_names(engine
 
     assert asyncio.run(both()) == [want, want, want_globex]
 
-    async def seeded() -> list[str]:
-        return await asyncio.gather(
-            *(stream("acme", "acme/pirate", temperature=1.0, top_p=0.9, seed=7) for _ in range(2))
-        )
+    def seeded() -> str:
+        return asyncio.run(stream("acme", "acme/pirate", temperature=1.0, top_p=0.9, seed=7))
 
-    first, second = asyncio.run(seeded())
-    assert first == second
+    assert seeded() == seeded()
 
 
 def test_models_lists_the_base_model_and_only_the_callers_adapters(engine) -> None:
