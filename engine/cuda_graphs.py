@@ -12,8 +12,6 @@ bucket of `capture_sizes(max_num_seqs)` three graphs are captured:
   from the buffers), for steps whose rows share adapters (`lora_form`): it reads an
   adapter once per tile of 16 rows, where BGMV reads it once per row (242 rows over 32
   adapters: 4.6 ms of a 15 ms step as BGMV, 2.1 ms as SGMV).
-In both LoRA variants each shrink runs on a side stream beside its base GEMM
-(`MultiLoraApplier.project`); the graph keeps the fork and the join.
 What a graph can not capture is a host-side decision that changes from step to step.
 The attention backend reads context lengths and block tables from device memory
 (`AttentionMetadata.for_decode_graph`), and the LoRA launch sizes come from bounds
@@ -176,10 +174,8 @@ class DecodeGraphs(BucketGraphs):
             raise ValueError(f"pad_block {pad_block} is not a block of the KV cache")
         self.lora_pool = lora_pool if lora_graphs else None
         variants: tuple[Variant, ...] = ("base",)
-        self._shrink_stream: torch.cuda.Stream | None = None  # the LoRA shrinks' side stream
         if self.lora_pool is not None:
             variants = ("base", "bgmv", "sgmv")
-            self._shrink_stream = torch.cuda.Stream(model.device)
         super().__init__(model.device, capture_sizes(max_num_seqs), variants)
         self.model = model
         self.kv_cache = kv_cache
@@ -235,7 +231,7 @@ class DecodeGraphs(BucketGraphs):
         lora = None
         if variant != "base":
             assert self.lora_pool is not None
-            lora = graph_lora_applier(self.lora_pool, b, size, variant, self._shrink_stream)
+            lora = graph_lora_applier(self.lora_pool, b, size, variant)
 
         def forward() -> None:
             logits = self.model(
@@ -279,11 +275,7 @@ def graph_attention_metadata(
 
 
 def graph_lora_applier(
-    pool: LoraSlotPool,
-    buffers: StaticDecodeBuffers,
-    size: int,
-    form: Literal["bgmv", "sgmv"],
-    shrink_stream: torch.cuda.Stream | None = None,
+    pool: LoraSlotPool, buffers: StaticDecodeBuffers, size: int, form: Literal["bgmv", "sgmv"]
 ) -> MultiLoraApplier:
     """LoRA in `form` over the static buffers of a `size`-row bucket, sized by bounds:
     every row counted active, the pool's `max_rank` as the batch's rank (the kernels
@@ -291,8 +283,7 @@ def graph_lora_applier(
     buffers, and skip slot -1, rank 0 and empty segments). SGMV only replays steps that
     `lora_form` gives it, whose rows average `SGMV_MIN_AVG_SEGMENT` per adapter, so at
     most `size // SGMV_MIN_AVG_SEGMENT` segments are not empty: the grid (one tile per
-    16 rows plus one per segment) stays that small however many slots the pool has.
-    With `shrink_stream`, the shrinks run on it beside the base GEMMs."""
+    16 rows plus one per segment) stays that small however many slots the pool has."""
     slots = min(buffers.num_lora_slots, max(1, size // SGMV_MIN_AVG_SEGMENT))
     meta = LoraKernelMeta(
         token_slots=buffers.token_slots(size),
@@ -310,4 +301,4 @@ def graph_lora_applier(
         seg_ranks_host=(pool.max_rank,) * slots,
         bounded=True,
     )
-    return MultiLoraApplier.from_meta(pool, meta, "triton", form, side_stream=shrink_stream)
+    return MultiLoraApplier.from_meta(pool, meta, backend="triton", form=form)

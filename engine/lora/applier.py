@@ -1,15 +1,9 @@
 """The model's LoRA hook for one step: each token's adapter delta after each projection.
 
 The runner builds one `MultiLoraApplier` per step from the step's per-token slots; the
-model has it run each base projection (`project`), which adds the LoRA deltas after it.
-Everything that depends only on the batch (token grouping, kernel form, scratch buffer)
-is done once here, so the per-layer cost is the kernel launches alone.
-
-A CUDA graph's applier may run each shrink on a side stream beside the base GEMM
-(`from_meta(..., side_stream=)`): the shrink needs only the GEMM's input, and at decode
-sizes both are latency-bound launches that fit on the GPU together, so the shrink's
-few microseconds per projection (128 shrinks a step on an 8B model) hide under the
-GEMM. Only in graphs: eagerly, the stream switches would cost host time per launch.
+model calls `apply(layer, group, x, out)` right after each base projection. Everything
+that depends only on the batch (token grouping, kernel form, scratch buffer) is done
+once here, so the per-layer cost is the kernel launches alone.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from engine.kernels.lora_ops import (
     MAX_SPLIT_K,
@@ -27,8 +20,6 @@ from engine.kernels.lora_ops import (
     add_lora,
     choose_form,
     default_backend,
-    lora_expand,
-    lora_shrink,
 )
 from engine.kernels.meta import LoraKernelMeta, build_meta
 from engine.lora.slot_pool import LoraSlotPool
@@ -56,21 +47,13 @@ class MultiLoraApplier:
 
     @classmethod
     def from_meta(
-        cls,
-        pool: LoraSlotPool,
-        meta: LoraKernelMeta,
-        backend: Backend,
-        form: Form,
-        side_stream: torch.cuda.Stream | None = None,
+        cls, pool: LoraSlotPool, meta: LoraKernelMeta, backend: Backend, form: Form
     ) -> MultiLoraApplier:
         """An applier over a prebuilt `meta` with a fixed `form`: e.g. a CUDA graph's,
         whose device tensors are refilled between replays and whose host fields are
-        bounds (see `engine.cuda_graphs`). With `side_stream` (Triton on CUDA), each
-        shrink runs on it beside the base GEMM (see the module's docstring)."""
+        bounds (see `engine.cuda_graphs`)."""
         applier = cls.__new__(cls)
         applier._setup(pool, meta, backend, form)
-        if side_stream is not None and backend == "triton":
-            applier._side = side_stream
         return applier
 
     def _setup(
@@ -81,7 +64,6 @@ class MultiLoraApplier:
         self.meta: LoraKernelMeta = meta
         self.form: Form = form
         self._h: torch.Tensor | None = None
-        self._side: torch.cuda.Stream | None = None
         if self.meta.num_active and self.backend != "torch":
             # One float32 scratch for the shrink output, shared by every layer and group:
             # `MAX_SPLIT_K` planes (a split-K shrink writes one per split, and never
@@ -93,38 +75,6 @@ class MultiLoraApplier:
                 device=pool.device,
             )
 
-    def project(
-        self,
-        layer: int,
-        group: str,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`F.linear(x, weight, bias)` with every tagged token's LoRA delta added (as
-        `apply`); with a side stream, the shrink runs on it beside the GEMM."""
-        side = self._side
-        if side is None or not self.meta.num_active:
-            out = F.linear(x, weight, bias)
-            self.apply(layer, group, x, out)
-            return out
-        lora_a, lora_b = self.pool.layer_weights(layer, group)
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)  # x is ready, and the last expand has read the scratch h
-        with torch.cuda.stream(side):
-            h = lora_shrink(x, lora_a, self.meta, self.form, h=self._scratch(lora_a))
-        out = F.linear(x, weight, bias)
-        main.wait_stream(side)
-        lora_expand(h, lora_b, out, self.pool.slice_offsets[group], self.meta, self.form)
-        return out
-
-    def _scratch(self, lora_a: torch.Tensor) -> torch.Tensor | None:
-        """The shared scratch h viewed for a group of `lora_a`'s slices."""
-        if self._h is None:
-            return None
-        shape = (MAX_SPLIT_K, self.meta.num_tokens, lora_a.shape[1], self.pool.max_rank)
-        return self._h[: math.prod(shape)].view(shape)
-
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """`out += LoRA(x)` for every token with a slot; other rows stay bit-identical.
 
@@ -134,6 +84,10 @@ class MultiLoraApplier:
         if not self.meta.num_active:
             return
         lora_a, lora_b = self.pool.layer_weights(layer, group)
+        h = None
+        if self._h is not None:
+            shape = (MAX_SPLIT_K, self.meta.num_tokens, lora_a.shape[1], self.pool.max_rank)
+            h = self._h[: math.prod(shape)].view(shape)
         add_lora(
             x,
             lora_a,
@@ -143,5 +97,5 @@ class MultiLoraApplier:
             self.meta,
             backend=self.backend,
             form=self.form,
-            h=self._scratch(lora_a),
+            h=h,
         )

@@ -108,7 +108,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:  # (this block's output [T, hidden], residual [T, hidden])
         num_tokens = h.shape[0]
         x, residual = add_rms_norm(h, residual, self.input_norm, self.eps, self.fused)
-        qkv = _linear(lora, layer, "qkv", x, self.qkv_proj, self.qkv_bias)  # [T, q + 2*kv]
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [T, q + 2*kv]
+        if lora is not None:
+            lora.apply(layer, "qkv", x, qkv)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -120,27 +122,19 @@ class DecoderLayer(nn.Module):
             q, k = rope(q, k, positions)
             attn = attend(q, k, v, kv_layer, meta, self.scale)
         attn = attn.reshape(num_tokens, self.q_size)
-        o = _linear(lora, layer, "o", attn, self.o_proj, self.o_bias)  # [T, hidden]
+        o = F.linear(attn, self.o_proj, self.o_bias)  # [T, hidden]
+        if lora is not None:
+            lora.apply(layer, "o", attn, o)
 
         x, residual = add_rms_norm(o, residual, self.post_attention_norm, self.eps, self.fused)
-        gate_up = _linear(lora, layer, "gate_up", x, self.gate_up_proj)  # [T, 2*inter]
+        gate_up = F.linear(x, self.gate_up_proj)  # [T, 2*inter]
+        if lora is not None:
+            lora.apply(layer, "gate_up", x, gate_up)
         act = silu_and_mul(gate_up, self.fused)  # [T, inter]
-        down = _linear(lora, layer, "down", act, self.down_proj)  # [T, hidden]
+        down = F.linear(act, self.down_proj)  # [T, hidden]
+        if lora is not None:
+            lora.apply(layer, "down", act, down)
         return down, residual
-
-
-def _linear(
-    lora: LoraApplier | None,
-    layer: int,
-    group: str,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-) -> Tensor:
-    """The base projection of `group`, with `lora` (if any) adding the tokens' deltas."""
-    if lora is None:
-        return F.linear(x, weight, bias)
-    return lora.project(layer, group, x, weight, bias)
 
 
 def has_o_proj_bias(config: ModelConfig) -> bool:

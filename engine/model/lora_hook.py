@@ -1,8 +1,7 @@
-"""The seam between the base model and LoRA: it runs each fused base projection.
+"""The seam between the base model and LoRA: one call after each fused base projection.
 
-The model knows nothing about adapters; whatever the runner passes as `lora` runs the
-projection and decides, per token, which adapter slot (if any) adds its delta (and may
-overlap its own work with the base GEMM). `None` costs nothing.
+The model knows nothing about adapters; whatever the runner passes as `lora` decides,
+per token, which adapter slot (if any) adds its delta. `None` costs nothing.
 """
 
 from __future__ import annotations
@@ -22,17 +21,14 @@ PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
 
 
 class LoraApplier(Protocol):
-    """Runs the base projections of one forward pass and adds per-token LoRA deltas."""
+    """Adds per-token LoRA deltas to the base projections of one forward pass."""
 
-    def project(
-        self, layer: int, group: str, x: Tensor, weight: Tensor, bias: Tensor | None = None
-    ) -> Tensor:
-        """`F.linear(x, weight, bias)` with each tagged token's LoRA delta added.
+    def apply(self, layer: int, group: str, x: Tensor, out: Tensor) -> None:
+        """Add each tagged token's LoRA delta to `out` in place.
 
         `group` is one of PROJECTION_GROUPS: "qkv" (out [T, q+k+v], rows q then k then v),
         "o" (out [T, hidden]), "gate_up" (out [T, 2*intermediate], gate then up),
-        "down" (out [T, hidden]). `x` is that projection's input [T, in], `weight` the
-        fused base weight [out, in]. Rows of tokens without an adapter are the base
-        projection's alone.
+        "down" (out [T, hidden]). `x` is that projection's input [T, in]; `out` already
+        holds the base output including any bias. Tokens without an adapter are untouched.
         """
         ...
