@@ -37,10 +37,13 @@ from serving_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Phase -> the engine log line that reports its seconds.
+# Phase -> the engine log line that reports its seconds. The two compile phases are
+# the compile-ahead passes at the start of the decode and mixed graph phases.
 PHASES = {
     "weights_s": r"loaded the model's weights in ([\d.]+) s",
+    "decode_compile_s": r"compiled the Triton kernels of decode CUDA graphs in ([\d.]+) s",
     "decode_graphs_s": r"captured \d+ decode CUDA graphs in ([\d.]+) s",
+    "mixed_compile_s": r"compiled the Triton kernels of mixed-step CUDA graphs in ([\d.]+) s",
     "mixed_graphs_s": r"captured \d+ mixed-step CUDA graphs in ([\d.]+) s",
     "warm_up_s": r"warmed up the eager path in ([\d.]+) s",
     "preload_s": r"preloaded \d+ adapters in ([\d.]+) s",
