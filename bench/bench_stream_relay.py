@@ -17,15 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from bench.serving_report import result_header  # noqa: E402
 from engine.metrics import EngineMetrics, RequestTimer  # noqa: E402
 from engine.request import FinishReason, RequestOutput  # noqa: E402
 from engine.server.frontend_link import Outbox  # noqa: E402
@@ -93,8 +94,7 @@ def main() -> int:
             ms = asyncio.run(_relay_ms_per_step(mode, args.streams, args.steps, args.step_ms / 1e3))
             values.append(ms)
     result = {
-        "command": " ".join(sys.orig_argv),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        **result_header("stream_relay", "cpu", "", ROOT),  # command, commit, machine
         "streams": args.streams,
         "steps": args.steps,
         "asyncio_cpu_ms_per_step": {mode: statistics.median(v) for mode, v in runs.items()},
