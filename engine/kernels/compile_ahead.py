@@ -13,10 +13,11 @@ whatever the skipped kernels left in their outputs, so it must write only to scr
 (as the captures' padding-only forwards do) and nothing may read its results.
 
 Each variant is asked for once: `launch` remembers its requests by what can select a
-variant (`_variant_of` each argument, the constexprs and options), a key at least as
-fine as Triton's own. Asking Triton at every launch instead (59 forwards of 32 layers,
-~20,000 requests) made the pass take 10 s on a warm cache on the H100 host: a request
-for a variant whose compile is pending is not cheap there.
+variant (`_variant_of` each positional argument; the constexprs and options, which
+every launch here passes by keyword, as they are), a key at least as fine as Triton's.
+Asking Triton at every launch instead (59 forwards of 32 layers, ~20,000 requests) made
+the pass take 10 s on a warm cache on the H100 host: a request for a variant whose
+compile is pending is not cheap there.
 
 Imports nothing from Triton until a block starts: the kernel modules call `launch`, and
 a CPU engine without Triton never opens those.
@@ -60,7 +61,7 @@ def _variant_of(arg: Any) -> Any:
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, int) and not isinstance(arg, bool):
-        return ("int", -(2**31) <= arg < 2**31, arg == 1, arg % 16 == 0)
+        return ("int", -(2**31) <= arg < 2**31, arg < 2**63, arg == 1, arg % 16 == 0)
     if isinstance(arg, float):
         return float
     return arg
