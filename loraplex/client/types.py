@@ -74,6 +74,6 @@ class SamplingOptions(TypedDict, total=False):
     temperature: float
     top_p: float
     top_k: int
-    seed: int | None  # same seed, same request -> same tokens
+    seed: int | None  # same seed, same request, same batch -> same tokens
     stop: Sequence[str]  # generation ends before the first occurrence (not in the text)
     ignore_eos: bool
