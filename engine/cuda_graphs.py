@@ -99,29 +99,28 @@ class BucketGraphs:
         todo = sorted(self.sizes if sizes is None else sizes, reverse=True)
         if any(s not in self.sizes for s in todo):
             raise ValueError(f"buckets {todo} are not all among {self.sizes}")
+        keys = [(size, variant) for size in todo for variant in self._variants]
         with torch.cuda.device(self.device):
-            self._compile_ahead(todo)
-            for size in todo:
-                for variant in self._variants:
-                    graph = capture_graph(self._forward(size, variant), self.device, self._pool)
-                    if self._pool is None:
-                        self._pool = graph.pool()
-                    self._graphs[(size, variant)] = graph
+            self._compile_ahead(keys)
+            for size, variant in keys:
+                graph = capture_graph(self._forward(size, variant), self.device, self._pool)
+                if self._pool is None:
+                    self._pool = graph.pool()
+                self._graphs[(size, variant)] = graph
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         log.info("captured %d %s graphs in %.1f s", len(self._graphs), self.what, seconds)
         return seconds
 
-    def _compile_ahead(self, sizes: Sequence[int]) -> None:
-        """Run the forward of every graph to capture once with its Triton launches made
+    def _compile_ahead(self, keys: Sequence[tuple[int, Variant]]) -> None:
+        """Run the forward of every graph in `keys` once with its Triton launches made
         compile requests (`compiling_ahead`): the kernels of all the graphs compile on
         threads at once, where the captures' warm-up runs would compile them one by one
         (a cold start's 26 variants: ~13 s serially on the H200 host)."""
         start = time.perf_counter()
         with compiling_ahead():
-            for size in sizes:
-                for variant in self._variants:
-                    self._forward(size, variant)()
+            for size, variant in keys:
+                self._forward(size, variant)()
         log.info("compiled the Triton kernels of %s graphs in %.1f s", self.what,
                  time.perf_counter() - start)  # fmt: skip
 
