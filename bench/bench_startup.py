@@ -37,13 +37,12 @@ from serving_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Phase -> the engine log line that reports its seconds. The two compile phases are
-# the compile-ahead passes at the start of the decode and mixed graph phases.
+# Phase -> the engine log line that reports its seconds: the weights, one compile-ahead
+# pass for every graph and eager shape, the captures, the eager warm-up, the adapters.
 PHASES = {
     "weights_s": r"loaded the model's weights in ([\d.]+) s",
-    "decode_compile_s": r"compiled the Triton kernels of decode CUDA graphs in ([\d.]+) s",
+    "compile_ahead_s": r"compiled the Triton kernels ahead in ([\d.]+) s",
     "decode_graphs_s": r"captured \d+ decode CUDA graphs in ([\d.]+) s",
-    "mixed_compile_s": r"compiled the Triton kernels of mixed-step CUDA graphs in ([\d.]+) s",
     "mixed_graphs_s": r"captured \d+ mixed-step CUDA graphs in ([\d.]+) s",
     "warm_up_s": r"warmed up the eager path in ([\d.]+) s",
     "preload_s": r"preloaded \d+ adapters in ([\d.]+) s",
@@ -82,7 +81,7 @@ def log_phases(text: str) -> dict[str, float]:
     if "weights" in stamps and "serving" in stamps:
         after = (stamps["serving"] - stamps["weights"]).total_seconds()
         phases["after_weights_s"] = after
-        between = ("decode_graphs_s", "mixed_graphs_s", "warm_up_s")
+        between = ("compile_ahead_s", "decode_graphs_s", "mixed_graphs_s", "warm_up_s")
         phases["other_s"] = after - sum(phases.get(name, 0.0) for name in between)
     return phases
 

@@ -19,11 +19,12 @@ The attention backend reads context lengths and block tables from device memory
 
 Start-up cost: the forwards of all graphs first run once with their Triton launches
 made compile requests, so that their kernels compile on threads at once
-(`engine.kernels.compile_ahead`); then each graph is run once eagerly (cuBLAS warms
-up) and captured. With the default 64 sequences that is 9 buckets x 3 graphs, a few
-seconds in all on a warm Triton cache. All graphs share one memory
-pool (they never run concurrently), captured largest first so the smaller ones reuse
-its memory; the logits of every graph land in one shared `[max_bucket, vocab]` buffer.
+(`compile_ahead`; the runner does it for all graphs and its eager shapes in one pass);
+then each graph is run once eagerly (cuBLAS warms up) and captured. With the default 64
+sequences that is 9 buckets x 3 graphs, a few seconds in all on a warm Triton cache.
+All graphs share one memory pool (they never run concurrently), captured largest first
+so the smaller ones reuse its memory; the logits of every graph land in one shared
+`[max_bucket, vocab]` buffer.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class BucketGraphs:
         self._variants = variants
         self._graphs: dict[tuple[int, Variant], torch.cuda.CUDAGraph] = {}
         self._pool: object | None = None
+        self._compiled: set[tuple[int, Variant]] = set()  # graphs compiled ahead
         self.replays: Counter[Variant] = Counter()  # steps served by each variant's graphs
 
     @property
@@ -93,15 +95,13 @@ class BucketGraphs:
         return tuple(sorted(self._graphs))
 
     def capture(self, sizes: Sequence[int] | None = None) -> float:
-        """Capture every variant's graph of every bucket in `sizes` (default: all);
-        returns the seconds it took. Must not run while the engine is stepping."""
+        """Capture every variant's graph of every bucket in `sizes` (default: all),
+        compiling its kernels ahead first unless `compile_ahead` did; returns the
+        seconds it took. Must not run while the engine is stepping."""
         start = time.perf_counter()
-        todo = sorted(self.sizes if sizes is None else sizes, reverse=True)
-        if any(s not in self.sizes for s in todo):
-            raise ValueError(f"buckets {todo} are not all among {self.sizes}")
-        keys = [(size, variant) for size in todo for variant in self._variants]
+        keys = self._keys(sizes)
         with torch.cuda.device(self.device):
-            self._compile_ahead(keys)
+            self.compile_ahead(sizes)
             for size, variant in keys:
                 graph = capture_graph(self._forward(size, variant), self.device, self._pool)
                 if self._pool is None:
@@ -112,17 +112,25 @@ class BucketGraphs:
         log.info("captured %d %s graphs in %.1f s", len(self._graphs), self.what, seconds)
         return seconds
 
-    def _compile_ahead(self, keys: Sequence[tuple[int, Variant]]) -> None:
-        """Run the forward of every graph in `keys` once with its Triton launches made
-        compile requests (`compiling_ahead`): the kernels of all the graphs compile on
-        threads at once, where the captures' warm-up runs would compile them one by one
-        (a cold start's 26 variants: ~13 s serially on the H200 host)."""
-        start = time.perf_counter()
-        with compiling_ahead():
+    def compile_ahead(self, sizes: Sequence[int] | None = None) -> None:
+        """Run the forward of every graph of `sizes` (default: all) not compiled ahead
+        yet once, with its Triton launches made compile requests (`compiling_ahead`):
+        the kernels of all the graphs compile on threads at once, where the captures'
+        warm-up runs would compile them one by one (a cold start's 26 variants: ~13 s
+        serially on the H200 host). Inside an outer `compiling_ahead()` block, only
+        that block's end waits for the compiles."""
+        keys = [key for key in self._keys(sizes) if key not in self._compiled]
+        with torch.cuda.device(self.device), compiling_ahead():
             for size, variant in keys:
                 self._forward(size, variant)()
-        log.info("compiled the Triton kernels of %s graphs in %.1f s", self.what,
-                 time.perf_counter() - start)  # fmt: skip
+        self._compiled.update(keys)
+
+    def _keys(self, sizes: Sequence[int] | None) -> list[tuple[int, Variant]]:
+        """(bucket, variant) of every graph of `sizes`, largest bucket first."""
+        todo = sorted(self.sizes if sizes is None else sizes, reverse=True)
+        if any(s not in self.sizes for s in todo):
+            raise ValueError(f"buckets {todo} are not all among {self.sizes}")
+        return [(size, variant) for size in todo for variant in self._variants]
 
     def _bucket(self, rows: int, variant: Variant) -> int | None:
         """The smallest captured bucket of this variant holding `rows`, or None."""

@@ -12,6 +12,7 @@ this step's samples on the device (`engine.token_feed`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs
 from engine.host_copy import to_device
+from engine.kernels.compile_ahead import compiling_ahead
 from engine.kv_cache import KVCache
 from engine.lora.applier import MultiLoraApplier
 from engine.lora.peft_format import LoraWeights
@@ -30,6 +32,8 @@ from engine.model.llama import LlamaModel
 from engine.sampling import SamplingParams, sample_tokens
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.token_feed import TokenFeed, token_feed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,23 @@ class ModelRunner:
         done = torch.cuda.Event()
         done.record()
         return PendingStep(request_ids, host, done, tokens)
+
+    def prepare(self, pad_block: int) -> None:
+        """Before serving on CUDA: compile the Triton kernels of every graph and of the
+        eager warm-up at once on threads (`compiling_ahead`; a cold cache's ~30 variants
+        otherwise compile one by one as the runs reach them, and separate passes each
+        wait for their slowest compile), then capture the graphs and warm up the eager
+        path. `pad_block`: the KV block padding rows write to."""
+        graphs = [g for g in (self.decode_graphs, self.mixed_graphs) if g is not None]
+        start = time.perf_counter()
+        with compiling_ahead():
+            for bucket_graphs in graphs:
+                bucket_graphs.compile_ahead()
+            self.warm_up(pad_block)  # no graph is captured yet: every shape runs eagerly
+        log.info("compiled the Triton kernels ahead in %.1f s", time.perf_counter() - start)
+        for bucket_graphs in graphs:
+            bucket_graphs.capture()
+        log.info("warmed up the eager path in %.1f s", self.warm_up(pad_block))
 
     def warm_up(self, pad_block: int) -> float:
         """Runs eager steps of every shape class the Triton kernels specialise on (token

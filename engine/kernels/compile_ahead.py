@@ -72,7 +72,12 @@ def compiling_ahead(threads: int | None = None) -> Iterator[bool]:
     """Within the block, `launch` requests compiles on `threads` threads (default: the
     host's cores, at most `MAX_COMPILE_THREADS`); leaving it waits for all of them and
     raises the first compile error. Yields whether launches are compile requests: False
-    on a Triton without asynchronous compiles (before 3.4), where they run as usual."""
+    on a Triton without asynchronous compiles (before 3.4), where they run as usual.
+    A block inside another joins it: its requests go to the outer block's threads, and
+    only the outer block waits."""
+    if _requested.get() is not None:
+        yield True
+        return
     try:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:

@@ -268,35 +268,20 @@ def _runner(
     lora_backend = config.resolved_lora_backend
     if not use_graphs:
         return ModelRunner(model, kv_cache, pool, lora_backend)
-    decode_graphs, mixed_graphs = _capture_graphs(config, model, kv_cache, pool, limits)
-    runner = ModelRunner(model, kv_cache, pool, lora_backend, decode_graphs, mixed_graphs)
-    log.info("warmed up the eager path in %.1f s", runner.warm_up(kv_cache.num_blocks - 1))
-    return runner
-
-
-def _capture_graphs(
-    config: EngineConfig,
-    model: LlamaModel,
-    kv_cache: KVCache,
-    pool: LoraSlotPool,
-    limits: _KvLimits,
-) -> tuple[DecodeGraphs, MixedGraphs | None]:
-    """Decode graphs, and mixed-step graphs unless `--mixed-graph-tokens 0`; the padding
-    rows of both write to the last KV block."""
+    pad_block = kv_cache.num_blocks - 1  # the padding rows of every graph write here
     graph_args = {
         "max_num_seqs": config.max_num_seqs,
         "max_model_len": limits.max_model_len,
-        "pad_block": kv_cache.num_blocks - 1,
-        "lora_graphs": config.resolved_lora_backend == "triton",
+        "pad_block": pad_block,
+        "lora_graphs": lora_backend == "triton",
     }
     decode_graphs = DecodeGraphs(model, kv_cache, pool, **graph_args)
-    decode_graphs.capture()
-    mixed_tokens = config.mixed_graph_max_tokens(limits.max_num_batched_tokens)
-    if not mixed_tokens:
-        return decode_graphs, None
-    mixed_graphs = MixedGraphs(model, kv_cache, pool, max_tokens=mixed_tokens, **graph_args)
-    mixed_graphs.capture()
-    return decode_graphs, mixed_graphs
+    mixed_graphs = None  # unless `--mixed-graph-tokens 0`, mixed steps get graphs too
+    if mixed_tokens := config.mixed_graph_max_tokens(limits.max_num_batched_tokens):
+        mixed_graphs = MixedGraphs(model, kv_cache, pool, max_tokens=mixed_tokens, **graph_args)
+    runner = ModelRunner(model, kv_cache, pool, lora_backend, decode_graphs, mixed_graphs)
+    runner.prepare(pad_block)
+    return runner
 
 
 def _start_preload(config: EngineConfig, adapters: AdapterRegistry) -> AdapterPreloader | None:

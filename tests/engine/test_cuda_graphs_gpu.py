@@ -237,7 +237,8 @@ def test_bf16_replay_close_to_eager(gpu_setup) -> None:
     torch.testing.assert_close(got, ref, atol=0.1, rtol=0.05)
 
 
-# Captures decode and mixed graphs over adapters on a fresh process; prints the Triton
+# Prepares a runner with decode and mixed graphs over adapters (compile ahead, capture,
+# eager warm-up) on a fresh process; prints the Triton
 # compiles as [kernel, asked by the compile-ahead pass] pairs.
 _CAPTURE_AND_LIST_COMPILES = """
 import json, sys, torch
@@ -248,6 +249,7 @@ from engine.lora.peft_format import load_adapter
 from engine.lora.slot_pool import LoraSlotPool
 from engine.mixed_graphs import MixedGraphs
 from engine.model.loader import load_model
+from engine.runner import ModelRunner
 
 compiles = []
 def record(*, fn, is_manual_warmup, **_):
@@ -261,16 +263,18 @@ pool = LoraSlotPool(model.config, 4, rank, torch.bfloat16, "cuda")
 pool.load_into_slot(0, load_adapter(adapter, model.config, rank))
 cache = KVCache(model.config, blocks, 16, torch.bfloat16, "cuda")
 args = dict(max_num_seqs=seqs, max_model_len=512, pad_block=blocks - 1)
-DecodeGraphs(model, cache, pool, **args).capture()
-MixedGraphs(model, cache, pool, max_tokens=256, **args).capture()
+decode = DecodeGraphs(model, cache, pool, **args)
+mixed = MixedGraphs(model, cache, pool, max_tokens=256, **args)
+ModelRunner(model, cache, pool, "triton", decode, mixed).prepare(blocks - 1)
 print(json.dumps(compiles))
 """
 
 
 def test_cold_capture_compiles_every_kernel_ahead(gpu_setup, tmp_path: Path) -> None:
-    """On an empty Triton cache (a node's first start) the decode and mixed graphs'
-    kernels all compile in the capture's compile-ahead pass, on threads: no capture run
-    stops to compile one of its own (~0.5 s each, one after another)."""
+    """On an empty Triton cache (a node's first start) the kernels of the decode and
+    mixed graphs and of the eager warm-up all compile in one compile-ahead pass, on
+    threads: no capture or warm-up run stops to compile one of its own (~0.5 s each,
+    one after another)."""
     base, adapter_dirs, _ = gpu_setup
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}

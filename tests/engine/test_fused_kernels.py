@@ -100,7 +100,8 @@ def test_rope_in_place_and_cache_store_equal_torch(head_dim: int) -> None:
 
 def test_launches_while_compiling_ahead_only_compile() -> None:
     """Inside `compiling_ahead()` a kernel launch is a compile request: the kernel does
-    not run (here q stays unrotated and the cache unwritten); after it, launches run."""
+    not run (here q stays unrotated and the cache unwritten), also after a block nested
+    in it ends; after the outer block, launches run."""
     from engine.kernels.compile_ahead import compiling_ahead
 
     config = _config(32)
@@ -111,6 +112,8 @@ def test_launches_while_compiling_ahead_only_compile() -> None:
     slots = torch.tensor([0, 1, 2], device=DEVICE)
     q_before = q.clone()
     with compiling_ahead() as compile_only:
+        with compiling_ahead() as nested:
+            assert nested == compile_only
         rope.rotate_and_store_(q, k, v, positions, kv_layer, slots)
     if not compile_only:
         pytest.skip("this Triton has no asynchronous compiles (before 3.4)")
