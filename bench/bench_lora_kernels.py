@@ -3,16 +3,14 @@
 GPU only. Usage: python bench/bench_lora_kernels.py --out bench/results/lora_kernels.json
 
 Scenarios (default: decode and prefill):
-- decode: 32 tokens with 32 distinct rank-16 adapters; decodeN (decode1, decode4, ...):
-  N tokens, each its own adapter;
+- decode: 32 tokens with 32 distinct rank-16 adapters;
 - prefill: 4096 tokens with 8 adapters (512 tokens each);
 - mixed: one 512-token prefill chunk beside 31 decode tokens of other adapters;
 - sharedN (shared2, shared4, ...): 64 decode tokens, N per adapter, interleaved, to
   place the SGMV/BGMV crossover.
 For every projection group of a layer (q/k/v, o, gate/up, down) it times the base GEMM,
 the LoRA shrink and expand of each form, add_lora in each form and in the form
-`choose_form` picks, and the torch reference; `bgmv_two_us` is BGMV's shrink and expand
-as two launches in one graph, what `bgmv_us` is where `bgmv_add` does not apply.
+`choose_form` picks, and the torch reference.
 
 Timing: `triton.testing.do_bench` (median), which flushes the L2 before every run, so
 adapters come from HBM as in a real forward pass where the base weights evict them.
@@ -51,10 +49,9 @@ GROUPS: dict[str, tuple[int, tuple[int, ...]]] = {
 
 def scenario_slots(name: str) -> tuple[list[int], int]:
     """Token slots of the batch and the number of adapters (slots) in the pool."""
-    if name.startswith("decode"):  # decode: 32 tokens; decodeN: N tokens
-        count = int(name.removeprefix("decode") or 32)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(0)).tolist()
-        return order, count
+    if name == "decode":
+        order = torch.randperm(32, generator=torch.Generator().manual_seed(0)).tolist()
+        return order, 32
     if name == "prefill":
         return [s for s in range(8) for _ in range(512)], 8
     if name == "mixed":  # one 512-token prefill chunk beside 31 decode tokens
@@ -139,13 +136,6 @@ def run_case(scenario: str, group: str, rank: int, r_max: int, warmup: int, rep:
             warmup,
             rep,
         )
-    row["bgmv_two_us"] = graph_us(
-        lambda: lora_expand(
-            lora_shrink(x, lora_a, meta, "bgmv", h=h), lora_b, out, offsets, meta, "bgmv"
-        ),
-        warmup,
-        rep,
-    )
     row["auto_us"] = row[f"{row['auto_form']}_us"]
     row["lora_vs_base"] = row["auto_us"] / row["base_us"]
     row["eager_us"] = 1e3 * bench_ms(
@@ -162,7 +152,6 @@ def print_table(rows: list[dict]) -> None:
         ("scenario", "scenario", "{:>8}"), ("group", "group", "{:>7}"),
         ("base_us", "base", "{:>7.1f}"), ("base_floor_us", "base_flr", "{:>8.1f}"),
         ("sgmv_us", "sgmv", "{:>7.1f}"), ("bgmv_us", "bgmv", "{:>7.1f}"),
-        ("bgmv_two_us", "bgmv_two", "{:>8.1f}"),
         ("auto_form", "auto", "{:>5}"), ("lora_floor_us", "lora_flr", "{:>8.1f}"),
         ("lora_vs_base", "lora/base", "{:>9.2f}"), ("eager_us", "eager", "{:>7.1f}"),
         ("torch_us", "torch", "{:>8.1f}"),

@@ -10,12 +10,6 @@ the batch's max rank), which keeps it stable from step to step for CUDA graphs.
 At small batches the shrink splits its reduction over `in` to fill the GPU: each split
 stores its partial sums into its own plane of h, and the expand loads every plane of
 a token's rank vector in one masked load and adds them up, so h is never zero-filled.
-
-At a handful of tokens a step is bound by kernel count rather than bytes (each launch
-and the gap after it cost microseconds in a graph), so `bgmv_add` does shrink and
-expand in one launch: every program of a column block computes its token's rank
-vector itself (the A rows come from L2 after the first read) and adds its columns'
-delta. That repeats the shrink once per column block, so it only pays at small T.
 """
 
 from __future__ import annotations
@@ -128,60 +122,6 @@ def _bgmv_expand_kernel(
     tl.store(o_ptrs, (base.to(tl.float32) + acc).to(base.dtype), mask=o_mask)
 
 
-@triton.jit
-def _bgmv_add_kernel(
-    x_ptr, a_ptr, b_ptr, out_ptr,
-    sorted_ids_ptr, token_slots_ptr, slot_ranks_ptr,
-    in_features, total_out, o0, o1, o2, o3, o4,
-    stride_xt, stride_xk,
-    stride_as, stride_ai, stride_ar, stride_ak,
-    stride_bs, stride_bn, stride_br,
-    stride_ot, stride_on,
-    N_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    tok = tl.load(sorted_ids_ptr + tl.program_id(0)).to(tl.int64)
-    slot = tl.load(token_slots_ptr + tok).to(tl.int64)
-    if slot < 0:
-        return
-    rank = tl.load(slot_ranks_ptr + slot)
-    if rank == 0:
-        return
-    n0 = tl.program_id(1) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    x_row = x_ptr + tok * stride_xt
-    b_tile = b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # A block of columns may straddle slices: each slice it touches adds its own part.
-    for i in tl.static_range(N_SLICES):
-        lo, hi = slice_bounds(i, o0, o1, o2, o3, o4)
-        if (lo < n0 + BLOCK_N) & (hi > n0):
-            # The shrink of slice i, whole: h[r] = x . A[slot, i, r, :] in float32.
-            a_rows = a_ptr + slot * stride_as + i * stride_ai + offs_r[:, None] * stride_ar
-            prod = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, in_features, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < in_features
-                xk = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0)
-                at = tl.load(
-                    a_rows + offs_k[None, :] * stride_ak,
-                    mask=r_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )  # [BLOCK_R, BLOCK_K]
-                prod += at.to(tl.float32) * xk.to(tl.float32)[None, :]
-            hr = tl.sum(prod, axis=1)  # [BLOCK_R]
-            cols = (offs_n >= lo) & (offs_n < hi)
-            bt = tl.load(b_tile, mask=cols[:, None] & r_mask[None, :], other=0.0)  # [N, R]
-            acc += tl.sum(bt.to(tl.float32) * hr[None, :], axis=1)
-
-    o_ptrs = out_ptr + tok * stride_ot + offs_n * stride_on
-    o_mask = offs_n < total_out
-    base = tl.load(o_ptrs, mask=o_mask, other=0.0)
-    tl.store(o_ptrs, (base.to(tl.float32) + acc).to(base.dtype), mask=o_mask)
-
-
 def shrink_config(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraKernelMeta) -> LaunchConfig:
     """Heuristic tiles for `bgmv_shrink`, from a sweep on an H200 at Llama-8B shapes.
 
@@ -203,14 +143,6 @@ def expand_config(out: torch.Tensor, meta: LoraKernelMeta) -> LaunchConfig:
         max(32, min(256, 4096 // block_r)) if out.is_cuda else min(128, next_pow2(out.shape[1]))
     )
     return LaunchConfig(1, block_n, block_r)
-
-
-def add_config(in_features: int, out: torch.Tensor, meta: LoraKernelMeta) -> LaunchConfig:
-    """Heuristic tiles for `bgmv_add`: column blocks of 256, and a reduction block
-    that keeps the `[BLOCK_R, BLOCK_K]` products near 4096 floats."""
-    block_k = min(max(32, 4096 // next_pow2(meta.max_rank)), next_pow2(in_features, 32))
-    block_n = 256 if out.is_cuda else min(128, next_pow2(out.shape[1]))
-    return LaunchConfig(1, block_n, block_k, num_warps=4, num_stages=3)
 
 
 def bgmv_shrink(
@@ -285,41 +217,5 @@ def bgmv_expand(
         N_SLICES=len(slice_offsets) - 1, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
         # Two variants only, whatever the split count: unsplit, or room for the most.
         SPLIT_PAD=1 if num_splits == 1 else MAX_SPLIT_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages if out.is_cuda else 1,
-    )  # fmt: skip
-
-
-def bgmv_add(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    out: torch.Tensor,
-    slice_offsets: Sequence[int],
-    meta: LoraKernelMeta,
-    config: LaunchConfig | None = None,
-) -> None:
-    """`bgmv_shrink` then `bgmv_expand` in one launch (`add_lora`'s contract): for the
-    few-token steps where launches, not bytes, bound the LoRA time."""
-    if meta.num_active == 0 or meta.max_rank == 0:
-        return
-    _, n_slices, _, in_features = lora_a.shape
-    total_out = out.shape[1]
-    cfg = config or cached_config(
-        meta,
-        ("bgmv_add", in_features, total_out, out.dtype, out.device),
-        lambda: add_config(in_features, out, meta),
-    )
-    grid = (meta.num_tokens, cdiv(total_out, cfg.block_n))
-    launch(
-        _bgmv_add_kernel, grid,
-        x, lora_a, lora_b, out,
-        meta.sorted_token_ids, meta.token_slots, meta.slot_ranks,
-        in_features, total_out, *padded_offsets(slice_offsets),
-        x.stride(0), x.stride(1),
-        *lora_a.stride(),
-        *lora_b.stride(),
-        out.stride(0), out.stride(1),
-        N_SLICES=n_slices, BLOCK_N=cfg.block_n, BLOCK_R=next_pow2(meta.max_rank),
-        BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if out.is_cuda else 1,
     )  # fmt: skip

@@ -38,10 +38,6 @@ Backend = Literal["triton", "torch"]
 # prefill: SGMV 44-180 vs BGMV 260-1310.
 SGMV_MIN_AVG_SEGMENT = 3  # tokens per adapter, on average over the batch
 SGMV_LONG_SEGMENT = 128  # one prefill chunk this long outweighs many lone tokens
-# At most this many tokens, a BGMV add_lora runs shrink and expand as one launch
-# (`bgmv_add`): it repeats each token's shrink once per column block, which costs less
-# than a second launch only while the batch is this small.
-BGMV_ONE_LAUNCH_MAX_TOKENS = 4
 # Most planes (reduction splits) one shrink writes: the launch heuristics never choose
 # more, so a scratch h of this many planes serves every shrink.
 MAX_SPLIT_K = 16
@@ -237,20 +233,13 @@ def add_lora(
     """
     if meta.num_active == 0:
         return
-    form = form or choose_form(meta)
-    if backend == "torch" or (form == "bgmv" and meta.num_tokens <= BGMV_ONE_LAUNCH_MAX_TOKENS):
+    if backend == "torch":
         _check_shrink(x, lora_a, meta)
         if lora_b.shape[:2] != (lora_a.shape[0], out.shape[1]) or out.shape[0] != x.shape[0]:
             raise ValueError(f"lora_b {tuple(lora_b.shape)} / out {tuple(out.shape)} mismatch")
         _check_slices(slice_offsets, lora_a.shape[1], out.shape[1])
-        if backend == "torch":
-            reference.add_lora_ref(x, lora_a, lora_b, out, slice_offsets, meta)
-        elif backend == "triton":
-            from engine.kernels.bgmv import bgmv_add
-
-            bgmv_add(x, lora_a, lora_b, out, slice_offsets, meta)
-        else:
-            raise ValueError(f"unknown backend {backend!r}: expected 'triton' or 'torch'")
+        reference.add_lora_ref(x, lora_a, lora_b, out, slice_offsets, meta)
         return
+    form = form or choose_form(meta)
     h = lora_shrink(x, lora_a, meta, form, backend=backend, h=h)
     lora_expand(h, lora_b, out, slice_offsets, meta, form, backend=backend)
