@@ -8,6 +8,9 @@ through the attention backend. Weights come from `engine.model.loader`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -177,6 +180,19 @@ class LlamaModel(nn.Module):
             else _weight(config.vocab_size, config.hidden_size, **p)
         )
         self.rope = RotaryEmbedding(config, device)
+
+    @contextmanager
+    def first_layer_only(self) -> Iterator[None]:
+        """Within the block a forward runs the first decoder layer alone, then the final
+        norm and head: enough for a pass that only gathers the kernels a forward
+        launches (`engine.kernels.compile_ahead`), since every layer has the same shapes
+        and so launches the same kernel variants, at 1/num_layers of the host time."""
+        layers = self.layers
+        self.layers = layers[:1]
+        try:
+            yield
+        finally:
+            self.layers = layers
 
     @torch.no_grad()
     def forward(

@@ -103,3 +103,17 @@ def test_mixed_batch_equals_sequences_alone(model_pair) -> None:
     torch.testing.assert_close(step1[2], ref_c[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step2[0], ref_a2[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step2[1], ref_b2[0], atol=1e-4, rtol=1e-4)
+
+
+def test_first_layer_only_runs_one_layer_then_all_again(tiny_llama31_path: Path) -> None:
+    """The compile-ahead pass's one-layer forward is a one-layer model (here: other
+    logits), and leaving the block serves with every layer again, same logits as before."""
+    model = load_model(tiny_llama31_path, dtype=torch.float32, device="cpu")
+    prompt = list(range(3, 20))
+    before = PagedDriver(model).step([(0, prompt)])
+    with model.first_layer_only():
+        assert len(model.layers) == 1
+        one_layer = PagedDriver(model).step([(0, prompt)])
+    assert len(model.layers) == model.config.num_layers > 1
+    assert not torch.allclose(one_layer, before, atol=1e-3)
+    torch.testing.assert_close(PagedDriver(model).step([(0, prompt)]), before)
