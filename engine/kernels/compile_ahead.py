@@ -1,12 +1,17 @@
 """Compile Triton kernels ahead, on threads, rather than one by one as a forward reaches them.
 
 A cold start (an empty Triton cache) compiles a few dozen kernel variants, ~0.5 s each
-on the H200 host (LLVM, ptxas, a C launcher built with gcc), one after another as the
+on the H200 host (LLVM, ptxas), one after another as the
 first runs of the CUDA graph captures reach them. Inside `compiling_ahead()` every
 Triton launch made through `launch` is a compile request instead: the kernel does not
 run, its variant (the same one the real launch would pick) goes to a pool of threads,
 through Triton's `AsyncCompileMode`, and leaving the block waits for every compile.
-The compiles overlap, and the real runs afterwards find each variant compiled.
+The compiles overlap, and the real runs afterwards find each variant compiled. Then,
+still on the threads, each compiled variant is loaded onto the device and gets its
+launcher, which Triton otherwise does at the variant's first run: up to Triton 3.6 the
+launcher is a C module built with gcc on a cold cache, so the captures' first runs
+would build them one after another (with nothing left to compile, cold captures of the
+8B decode graphs still took 2-5 s longer than warm ones on the H100 host).
 
 A forward run inside the block only gathers its variants: its torch ops still run, over
 whatever the skipped kernels left in their outputs, so it must write only to scratch
@@ -25,6 +30,8 @@ a CPU engine without Triton never opens those.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +41,14 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 # At most this many compile threads: past ~8 the GIL-bound parts of a compile dominate.
 MAX_COMPILE_THREADS = 16
 
-# Inside `compiling_ahead()`: the variants requested so far; None outside.
-_requested: ContextVar[set[tuple[Any, ...]] | None] = ContextVar("requested", default=None)
+# Inside `compiling_ahead()`: the variants requested so far, each with what Triton's
+# `warmup` returned for it (a kernel or a pending compile); None outside.
+_requested: ContextVar[dict[tuple[Any, ...], Any] | None] = ContextVar("requested", default=None)
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
@@ -50,8 +60,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         return
     variant = (kernel, tuple(map(_variant_of, args)), tuple(sorted(kwargs.items())))
     if variant not in requested:
-        requested.add(variant)
-        kernel.warmup(*args, grid=grid, **kwargs)
+        requested[variant] = kernel.warmup(*args, grid=grid, **kwargs)
 
 
 def _variant_of(arg: Any) -> Any:
@@ -84,12 +93,31 @@ def compiling_ahead(threads: int | None = None) -> Iterator[bool]:
         yield False
         return
     threads = threads or min(MAX_COMPILE_THREADS, os.cpu_count() or 1)
-    with (
-        ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool,
-        AsyncCompileMode(pool),
-    ):
-        token = _requested.set(set())
-        try:
-            yield True
-        finally:
-            _requested.reset(token)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    requested: dict[tuple[Any, ...], Any] = {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool:
+        with AsyncCompileMode(pool):
+            token = _requested.set(requested)
+            try:
+                yield True
+            finally:
+                _requested.reset(token)
+        if device is not None:  # every compile is done
+            # Variants of ours that Triton compiles alike share one kernel: load it once.
+            done = [k.result() if hasattr(k, "result") else k for k in requested.values()]
+            kernels = {id(k): k for k in done if k is not None}
+            list(pool.map(functools.partial(_load, device=device), kernels.values()))
+
+
+def _load(kernel: Any, device: int) -> None:
+    """Load a compiled variant onto `device` and build its launcher, as its first run
+    would (Triton's private `_init_handles`; nothing where a Triton lacks it). A failure
+    is left to that first run, which raises it where the kernel is launched."""
+    init = getattr(kernel, "_init_handles", None)
+    if init is None:
+        return
+    try:
+        with torch.cuda.device(device):
+            init()
+    except Exception as exc:  # the first launch raises it again
+        log.debug("loading a compiled kernel ahead failed: %s", exc)

@@ -238,10 +238,10 @@ def test_bf16_replay_close_to_eager(gpu_setup) -> None:
 
 
 # Prepares a runner with decode and mixed graphs over adapters (compile ahead, capture,
-# eager warm-up) on a fresh process; prints the Triton
-# compiles as [kernel, asked by the compile-ahead pass] pairs.
+# eager warm-up) on a fresh process; prints the Triton compiles as [kernel, asked by the
+# compile-ahead pass] pairs and the threads that loaded kernels onto the device.
 _CAPTURE_AND_LIST_COMPILES = """
-import json, sys, torch
+import json, sys, threading, torch
 from triton import knobs
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVCache
@@ -251,11 +251,14 @@ from engine.mixed_graphs import MixedGraphs
 from engine.model.loader import load_model
 from engine.runner import ModelRunner
 
-compiles = []
+compiles, loads = [], []
 def record(*, fn, is_manual_warmup, **_):
     compiles.append((fn.name, is_manual_warmup))
     return False  # compile as usual
 knobs.runtime.jit_cache_hook = record
+hooks_loads = hasattr(knobs.runtime, "kernel_load_start_hook")
+if hooks_loads:  # a kernel's load onto the device, and its launcher: on which thread
+    knobs.runtime.kernel_load_start_hook = lambda *_: loads.append(threading.current_thread().name)
 
 base, adapter, blocks, seqs, rank = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 model = load_model(base, dtype=torch.bfloat16, device="cuda")
@@ -266,15 +269,15 @@ args = dict(max_num_seqs=seqs, max_model_len=512, pad_block=blocks - 1)
 decode = DecodeGraphs(model, cache, pool, **args)
 mixed = MixedGraphs(model, cache, pool, max_tokens=256, **args)
 ModelRunner(model, cache, pool, "triton", decode, mixed).prepare(blocks - 1)
-print(json.dumps(compiles))
+print(json.dumps({"compiles": compiles, "loads": loads if hooks_loads else None}))
 """
 
 
 def test_cold_capture_compiles_every_kernel_ahead(gpu_setup, tmp_path: Path) -> None:
     """On an empty Triton cache (a node's first start) the kernels of the decode and
     mixed graphs and of the eager warm-up all compile in one compile-ahead pass, on
-    threads: no capture or warm-up run stops to compile one of its own (~0.5 s each,
-    one after another)."""
+    threads, and are loaded there with their launchers: no capture or warm-up run stops
+    to compile or load one of its own (~0.5 s each, one after another)."""
     base, adapter_dirs, _ = gpu_setup
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
@@ -284,8 +287,11 @@ def test_cold_capture_compiles_every_kernel_ahead(gpu_setup, tmp_path: Path) -> 
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    compiles = json.loads(done.stdout.splitlines()[-1])
+    seen = json.loads(done.stdout.splitlines()[-1])
+    compiles = seen["compiles"]
     assert [name for name, ahead in compiles if not ahead] == []
+    if seen["loads"] is not None:  # each loaded (and its launcher built) on the threads
+        assert seen["loads"] and {t.split("_")[0] for t in seen["loads"]} == {"triton-compile"}
     kernels = {name for name, _ in compiles}
     expected = {"_paged_decode_kernel", "_varlen_paged_kernel", "_rope_kernel"}
     expected |= {"_bgmv_shrink_kernel", "_sgmv_shrink_kernel", "_sgmv_expand_kernel"}
