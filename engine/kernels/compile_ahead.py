@@ -1,8 +1,8 @@
 """Compile Triton kernels ahead, on threads, rather than one by one as a forward reaches them.
 
 A cold start (an empty Triton cache) compiles a few dozen kernel variants, ~0.5 s each
-on the H200 host (LLVM, ptxas), one after another as the
-first runs of the CUDA graph captures reach them. Inside `compiling_ahead()` every
+on the H200 host (LLVM, ptxas), one after another as the first runs of the CUDA graph
+captures reach them. Inside `compiling_ahead()` every
 Triton launch made through `launch` is a compile request instead: the kernel does not
 run, its variant (the same one the real launch would pick) goes to a pool of threads,
 through Triton's `AsyncCompileMode`, and leaving the block waits for every compile.
