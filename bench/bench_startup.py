@@ -4,6 +4,8 @@ every kernel compiles: a node's first start) and then warm (a restart that finds
 kernels the cold start compiled), split into the phases the engine logs.
 
     python3 bench/bench_startup.py --out-dir bench/results --commit <sha>     # H200, 8B
+    git worktree add /tmp/before <sha-before>
+    python3 bench/bench_startup.py --baseline /tmp/before --rounds 2 --out-dir bench/results
     .venv/bin/python bench/bench_startup.py --preset tiny --out-dir /tmp/startup-tiny
 
 Issue 7's target is SERVING within 15 s of the weights being loaded: `after_weights_s`,
@@ -13,6 +15,13 @@ weight load (the tokenizer) lengthens the weights phase instead. The starts shar
 Triton cache folder under --work-dir: a cold start empties it first, a warm one finds
 what the start before compiled; after a cold start the kernels it compiled are counted
 by name. `--py-spy DIR` records each start with py-spy (on PATH).
+
+Start-up times on one machine vary by seconds from run to run, so compare code in one
+invocation: `--baseline DIR` (another checkout, e.g. a `git worktree` of the commit
+before) alternates its starts with this tree's, `--rounds N` times, in the order
+baseline, this, this, baseline, ... so neither side always goes first; the table ends
+with each side's median. `after_weights_s` compares across versions; the phase columns
+follow this tree's log lines (older code logged its compile passes otherwise).
 Writes <out-dir>/startup_<preset>_<machine>.json and .md.
 """
 
@@ -23,6 +32,8 @@ import os
 import re
 import shlex
 import shutil
+import statistics
+import subprocess
 import sys
 from collections import Counter
 from datetime import datetime
@@ -56,12 +67,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-loras", type=int, default=32)
     parser.add_argument("--starts", default="cold,warm", help="comma list of cold / warm")
     parser.add_argument("--py-spy", type=Path, default=None, help="record each start here")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout to compare")
+    parser.add_argument("--rounds", type=int, default=1, help="starts of each kind per side")
     args = parser.parse_args(argv)
     starts = args.starts.split(",")
     if not starts or any(s not in ("cold", "warm") for s in starts):
         parser.error(f"--starts takes cold and/or warm, got {args.starts!r}")
     if args.py_spy is not None and shutil.which("py-spy") is None:
         parser.error("--py-spy needs the py-spy program on PATH (pip install py-spy)")
+    if args.baseline is not None and not (args.baseline / "engine").is_dir():
+        parser.error(f"--baseline {args.baseline} is not a loraplex checkout (no engine/)")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -100,7 +117,11 @@ def compiled_kernels(cache_dir: Path) -> dict[str, int]:
     return dict(names.most_common())
 
 
-def one_start(args: argparse.Namespace, fixtures: dict, kind: str) -> dict[str, Any]:
+def one_start(
+    args: argparse.Namespace, fixtures: dict, kind: str, code: str, root: Path | None
+) -> dict[str, Any]:
+    """One engine start of `kind` (cold or warm) of the checkout `root` (None: this
+    tree), labelled `code` in the results."""
     preset = PRESETS[args.preset]
     cache = args.work_dir / f"triton-cache-{args.preset}"
     if kind == "cold":
@@ -108,15 +129,16 @@ def one_start(args: argparse.Namespace, fixtures: dict, kind: str) -> dict[str, 
     os.environ["TRITON_CACHE_DIR"] = str(cache)  # the engine inherits it
     flags = engine_args(preset, fixtures, args.max_loras, args.engine_arg)
     log_path = args.work_dir / f"startup-{args.preset}-{kind}.log"
-    with EngineProcess(flags, log_path) as engine:
-        log(f"{kind} start: engine spawned, log {log_path}")
+    with EngineProcess(flags, log_path, root) as engine:
+        log(f"{code} {kind} start: engine spawned, log {log_path}")
         with HostProbe(engine.pid, f"startup_{kind}", args.py_spy):
             ready = engine.wait_ready(preset.num_adapters, preset.start_timeout_s)
-        code = engine.stop()
-    if code not in (0, None):
-        raise BenchError(f"the engine exited with code {code} after a {kind} start")
+        exit_code = engine.stop()
+    if exit_code not in (0, None):
+        raise BenchError(f"the engine exited with code {exit_code} after a {kind} start")
     view = {
         "start": kind,
+        "code": code,
         "command": shlex.join(engine.command),
         "spawn_to_serving_s": ready["spawn_to_serving_s"],
         "spawn_to_adapters_loaded_s": ready["spawn_to_adapters_loaded_s"],
@@ -125,7 +147,7 @@ def one_start(args: argparse.Namespace, fixtures: dict, kind: str) -> dict[str, 
     if kind == "cold":
         view["kernels_compiled"] = compiled_kernels(cache)
     log(
-        f"{kind} start: SERVING {view['spawn_to_serving_s']:.1f} s after spawn, "
+        f"{code} {kind} start: SERVING {view['spawn_to_serving_s']:.1f} s after spawn, "
         f"{view.get('after_weights_s', float('nan')):.1f} s after the weights"
     )
     return view
@@ -140,18 +162,50 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Command: `{result['command']}`",
         f"- Commit: {result['commit']}",
         "",
-        "| start | " + " | ".join(c.removesuffix("_s").replace("_", " ") for c in columns) + " |",
-        "| --- |" + " ---: |" * len(columns),
+        "| code | start | "
+        + " | ".join(c.removesuffix("_s").replace("_", " ") for c in columns)
+        + " |",
+        "| --- | --- |" + " ---: |" * len(columns),
     ]
     for run in result["starts"]:
         cells = [f"{run[c]:.1f}" if c in run else "" for c in columns]
-        lines.append(f"| {run['start']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run['code']} | {run['start']} | " + " | ".join(cells) + " |")
+    medians = []
+    for code in dict.fromkeys(run["code"] for run in result["starts"]):
+        for kind in ("cold", "warm"):
+            after = [
+                run["after_weights_s"]
+                for run in result["starts"]
+                if run["code"] == code and run["start"] == kind and "after_weights_s" in run
+            ]
+            if after:
+                medians.append(f"{code} {kind} {statistics.median(after):.1f} s")
+    if medians:
+        lines += ["", "Median seconds after the weights: " + ", ".join(medians) + "."]
     for run in result["starts"]:
-        if "kernels_compiled" in run:
+        if run.get("kernels_compiled"):
             counts = run["kernels_compiled"]
             listed = ", ".join(f"{name} {n}" for name, n in counts.items())
-            lines += ["", f"Kernels compiled by the cold start ({sum(counts.values())}): {listed}"]
+            total = sum(counts.values())
+            lines += ["", f"Kernels compiled by {run['code']}'s cold start ({total}): {listed}"]
     return "\n".join(lines) + "\n"
+
+
+def sides(args: argparse.Namespace, commit: str) -> list[list[tuple[str, Path | None]]]:
+    """(code label, checkout) in start order, one list per round: this tree alone, or
+    with `--baseline` the two sides in turn, each round in the other round's order."""
+    this = (commit[:12], None)
+    if args.baseline is None:
+        return [[this] for _ in range(args.rounds)]
+    baseline = (f"baseline {_short_head(args.baseline)}", args.baseline)
+    return [[baseline, this] if r % 2 == 0 else [this, baseline] for r in range(args.rounds)]
+
+
+def _short_head(root: Path) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or str(root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     try:
         fixtures = build_fixtures(preset, args.work_dir, args.seed)
-        for kind in args.starts.split(","):
-            result["starts"].append(one_start(args, fixtures, kind))
+        for round_sides in sides(args, result["commit"]):
+            for code, root in round_sides:
+                for kind in args.starts.split(","):
+                    result["starts"].append(one_start(args, fixtures, kind, code, root))
     except (BenchError, OSError) as exc:
         print(f"bench_startup: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
