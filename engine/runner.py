@@ -137,8 +137,9 @@ class ModelRunner:
         graphs = [g for g in (self.decode_graphs, self.mixed_graphs) if g is not None]
         start = time.perf_counter()
         # One layer per forward requests every variant; at 32 layers the full forwards
-        # made most of the pass's 4 s on a warm cache (8B on the H100 host).
-        with compiling_ahead(), self.model.first_layer_only():
+        # made most of the pass's 4 s on a warm cache (8B on the H100 host). The model's
+        # device is current, so the kernels load onto it (`compiling_ahead` takes it).
+        with torch.cuda.device(self.device), compiling_ahead(), self.model.first_layer_only():
             for bucket_graphs in graphs:
                 bucket_graphs.compile_ahead()
             self.warm_up(pad_block)  # no graph is captured yet: every shape runs eagerly
