@@ -33,38 +33,65 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _add_server(subparsers: argparse._SubParsersAction) -> None:
     cp = subparsers.add_parser("control-plane", help="run the control plane")
     sub = cp.add_subparsers(dest="control_plane_command", required=True)
-    database = {"default": environment.database_url(),
-                "help": "postgresql://... (LORAPLEX_DATABASE_URL); default: an embedded "
-                        f"SQLite file {DEFAULT_SQLITE}"}
+    database = {
+        "default": environment.database_url(),
+        "help": "postgresql://... (LORAPLEX_DATABASE_URL); default: an embedded "
+        f"SQLite file {DEFAULT_SQLITE}",
+    }
     serve = sub.add_parser("serve", help="serve the ControlPlane gRPC API and reconcile engines")
     serve.add_argument("--database-url", **database)
-    serve.add_argument("--admin-token", default=environment.admin_token(),
-                       help="admin RPCs must carry it (32+ characters; LORAPLEX_ADMIN_TOKEN)")
-    serve.add_argument("--adapter-root", action="append", help="adapters may be registered "
-                       "from under this folder (repeatable; without one, LORAPLEX_ADAPTER_ROOTS, "
-                       "':'-separated)")
+    serve.add_argument(
+        "--admin-token",
+        default=environment.admin_token(),
+        help="admin RPCs must carry it (32+ characters; LORAPLEX_ADMIN_TOKEN)",
+    )
+    serve.add_argument(
+        "--adapter-root",
+        action="append",
+        help="adapters may be registered "
+        "from under this folder (repeatable; without one, LORAPLEX_ADAPTER_ROOTS, "
+        "':'-separated)",
+    )
     serve.add_argument("--host", default=ControlPlaneConfig.host)
     serve.add_argument("--port", type=int, default=ControlPlaneConfig.port)
-    serve.add_argument("--metrics-port", type=int, default=ControlPlaneConfig.metrics_port,
-                       help="serve Prometheus /metrics on this port (0 = off)")
-    serve.add_argument("--default-max-adapters", type=int,
-                       default=ControlPlaneConfig.default_max_adapters)
-    serve.add_argument("--default-max-lora-rank", type=int,
-                       default=ControlPlaneConfig.default_max_lora_rank)
-    serve.add_argument("--reconcile-interval", type=float, default=ReconcilerConfig.interval_s,
-                       help="seconds")
-    serve.add_argument("--heartbeat-timeout", type=float,
-                       default=ReconcilerConfig.heartbeat_timeout_s,
-                       help="seconds without a heartbeat before an engine is stale")
-    serve.add_argument("--shutdown-grace", type=float, default=ControlPlaneConfig.shutdown_grace_s,
-                       help="after SIGTERM, seconds the calls in flight get to finish (health "
-                            "turns NOT_SERVING and new calls get UNAVAILABLE at once)")
-    serve.add_argument("--replica-id", default="",
-                       help="this replica's name in engine leases, stable across restarts so "
-                            "a restarted replica takes its engines back at once (default: "
-                            "cp-<hostname>-<port>)")
-    serve.add_argument("--migrate", action="store_true",
-                       help="run the migrations at start (always on for SQLite)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=ControlPlaneConfig.metrics_port,
+        help="serve Prometheus /metrics on this port (0 = off)",
+    )
+    serve.add_argument(
+        "--default-max-adapters", type=int, default=ControlPlaneConfig.default_max_adapters
+    )
+    serve.add_argument(
+        "--default-max-lora-rank", type=int, default=ControlPlaneConfig.default_max_lora_rank
+    )
+    serve.add_argument(
+        "--reconcile-interval", type=float, default=ReconcilerConfig.interval_s, help="seconds"
+    )
+    serve.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=ReconcilerConfig.heartbeat_timeout_s,
+        help="seconds without a heartbeat before an engine is stale",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=ControlPlaneConfig.shutdown_grace_s,
+        help="after SIGTERM, seconds the calls in flight get to finish (health "
+        "turns NOT_SERVING and new calls get UNAVAILABLE at once)",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default="",
+        help="this replica's name in engine leases, stable across restarts so "
+        "a restarted replica takes its engines back at once (default: "
+        "cp-<hostname>-<port>)",
+    )
+    serve.add_argument(
+        "--migrate", action="store_true", help="run the migrations at start (always on for SQLite)"
+    )
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="upgrade the database to the latest schema")
     migrate.add_argument("--database-url", **database)
@@ -82,15 +109,20 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         check_admin_token(args.admin_token)
         config = ControlPlaneConfig(
-            database_url=url, admin_token=args.admin_token,
+            database_url=url,
+            admin_token=args.admin_token,
             adapter_roots=environment.adapter_roots(args.adapter_root),
-            host=args.host, port=args.port, metrics_port=args.metrics_port,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
             default_max_adapters=args.default_max_adapters,
             default_max_lora_rank=args.default_max_lora_rank,
             auto_migrate=args.migrate or url.startswith("sqlite"),
-            reconciler=ReconcilerConfig(interval_s=args.reconcile_interval,
-                                        heartbeat_timeout_s=args.heartbeat_timeout,
-                                        **_replica_id(args)),
+            reconciler=ReconcilerConfig(
+                interval_s=args.reconcile_interval,
+                heartbeat_timeout_s=args.heartbeat_timeout,
+                **_replica_id(args),
+            ),
             shutdown_grace_s=args.shutdown_grace,
         )
         asyncio.run(serve_control_plane(config))
@@ -123,11 +155,13 @@ def _add_clients(subparsers: argparse._SubParsersAction) -> None:
         parser = subparsers.add_parser(name, help=help_text)
         return parser.add_subparsers(dest=f"{name}_command", required=True)
 
-    def command(parent: argparse._SubParsersAction, name: str, run: Command,
-                help_text: str) -> argparse.ArgumentParser:
+    def command(
+        parent: argparse._SubParsersAction, name: str, run: Command, help_text: str
+    ) -> argparse.ArgumentParser:
         parser = parent.add_parser(name, help=help_text)
-        parser.add_argument("--target", default=environment.control_plane(
-            f"127.0.0.1:{ControlPlaneConfig.port}"))
+        parser.add_argument(
+            "--target", default=environment.control_plane(f"127.0.0.1:{ControlPlaneConfig.port}")
+        )
         parser.add_argument("--admin-token", default=environment.admin_token())
         parser.set_defaults(func=lambda args: _call(args, run))
         return parser
@@ -164,8 +198,12 @@ def _add_clients(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("tenant")
     p.add_argument("name")
     p.add_argument("--version", type=int, default=0)
-    p = command(adapters, "resolve", _adapters_resolve,
-                "which version a name means now and which engines serve it")
+    p = command(
+        adapters,
+        "resolve",
+        _adapters_resolve,
+        "which version a name means now and which engines serve it",
+    )
     p.add_argument("adapter", help="tenant/name or tenant/name@version")
 
     engines = group("engines", "list engines")
@@ -199,8 +237,10 @@ def _tenants_disable(admin: AdminClient, a: argparse.Namespace) -> str:
 
 def _keys_create(admin: AdminClient, a: argparse.Namespace) -> str:
     key = admin.create_api_key(a.tenant)
-    return (f"key id:  {key.key_id}\ntenant:  {key.tenant}\napi key: {key.api_key}\n"
-            "Store the API key now: it is not shown again.")
+    return (
+        f"key id:  {key.key_id}\ntenant:  {key.tenant}\napi key: {key.api_key}\n"
+        "Store the API key now: it is not shown again."
+    )
 
 
 def _keys_revoke(admin: AdminClient, a: argparse.Namespace) -> str:
@@ -213,8 +253,9 @@ def _keys_list(admin: AdminClient, a: argparse.Namespace) -> str:
 
 def _models_register(admin: AdminClient, a: argparse.Namespace) -> str:
     path = Path(a.path).expanduser().resolve()
-    return tables.base_models([admin.register_base_model(a.name, path,
-                                                         max_lora_rank=a.max_lora_rank)])
+    return tables.base_models(
+        [admin.register_base_model(a.name, path, max_lora_rank=a.max_lora_rank)]
+    )
 
 
 def _models_list(admin: AdminClient, a: argparse.Namespace) -> str:
@@ -223,8 +264,13 @@ def _models_list(admin: AdminClient, a: argparse.Namespace) -> str:
 
 def _adapters_register(admin: AdminClient, a: argparse.Namespace) -> str:
     uri = a.uri if "://" in a.uri else str(Path(a.uri).expanduser().resolve())
-    return tables.versions([admin.register_adapter(
-        a.tenant, a.name, uri, base_model=a.base_model, sha256=a.sha256, replicas=a.replicas)])
+    return tables.versions(
+        [
+            admin.register_adapter(
+                a.tenant, a.name, uri, base_model=a.base_model, sha256=a.sha256, replicas=a.replicas
+            )
+        ]
+    )
 
 
 def _adapters_list(admin: AdminClient, a: argparse.Namespace) -> str:
@@ -240,8 +286,10 @@ def _adapters_retire(admin: AdminClient, a: argparse.Namespace) -> str:
 
 def _adapters_resolve(admin: AdminClient, a: argparse.Namespace) -> str:
     found = admin.resolve_adapter(a.adapter)
-    return (f"adapter:   {found.adapter_id}\nbase model: {found.base_model}\n"
-            f"served by: {', '.join(found.endpoints) or 'no live engine yet'}")
+    return (
+        f"adapter:   {found.adapter_id}\nbase model: {found.base_model}\n"
+        f"served by: {', '.join(found.endpoints) or 'no live engine yet'}"
+    )
 
 
 def _engines_list(admin: AdminClient, a: argparse.Namespace) -> str:

@@ -180,9 +180,15 @@ class EngineLoop:
 
     def _refuse(self, request: EngineRequest, emit: Callable[[RequestOutput], None]) -> None:
         """Ends a request the loop will never run (it has stopped)."""
-        emit(RequestOutput(text="", token_ids=(), finish_reason=FinishReason.ERROR,
-                           prompt_tokens=len(request.prompt_token_ids),
-                           error="the engine loop has stopped; retry on another engine"))
+        emit(
+            RequestOutput(
+                text="",
+                token_ids=(),
+                finish_reason=FinishReason.ERROR,
+                prompt_tokens=len(request.prompt_token_ids),
+                error="the engine loop has stopped; retry on another engine",
+            )
+        )
         if request.adapter_id is not None and self._release_adapter is not None:
             self._release_adapter(request.adapter_id)
 

@@ -113,7 +113,7 @@ def _attend_key_tile(
 
 # Ints that change from step to step are not specialised on: else each new value class
 # (1, a multiple of 16, other) compiles another variant while requests wait.
-@triton.jit(do_not_specialize=['num_seqs', 'num_programs', 'stride_tb'])
+@triton.jit(do_not_specialize=["num_seqs", "num_programs", "stride_tb"])
 def _varlen_paged_kernel(
     q_ptr, kv_ptr, out_ptr, block_tables_ptr, qsl_ptr, context_lens_ptr,
     num_seqs, num_programs, qk_scale,

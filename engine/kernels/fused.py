@@ -125,7 +125,8 @@ def _rope_kernel(
         for half in tl.static_range(2):
             v = tl.load(v_row + half * HALF, mask=kv_mask, other=0.0)
             tl.store(
-                cache_row + stride_ckv + half * HALF, v.to(cache_ptr.dtype.element_ty),
+                cache_row + stride_ckv + half * HALF,
+                v.to(cache_ptr.dtype.element_ty),
                 mask=kv_mask,
             )
 
@@ -187,8 +188,11 @@ def _silu_and_mul_kernel(
     up = tl.load(gu_ptr + row * stride_gu + n_cols + offs, mask=mask, other=0.0)
     # As torch: silu(gate) rounded to the dtype, then the product rounded again.
     act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (act * up.to(tl.float32)).to(
-        out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + row * stride_o + offs,
+        (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def silu_and_mul(gate_up: Tensor) -> Tensor:

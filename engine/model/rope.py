@@ -62,7 +62,6 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin.index_select(0, positions).to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-
     def rotate_and_store_(
         self,
         q: Tensor,
