@@ -147,6 +147,9 @@ class EngineLoop:
 
     # -- the loop ------------------------------------------------------------------
     def _run(self) -> None:
+        # Triton launches on the thread's current device, and a new thread's is cuda:0.
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)
         try:
             while True:
                 try:
