@@ -2,7 +2,7 @@
 
 A decode step of B sequences (each one token, each sampling) launches hundreds of
 small kernels; replaying a captured graph removes their launch overhead. For every
-bucket of `capture_sizes(max_num_seqs)` three graphs are captured:
+bucket of `capture_sizes(max_num_seqs)` up to three graphs are captured:
 - base: `lora=None`, for steps where no row has an adapter;
 - bgmv: BGMV shrink/expand on every projection, reading each row's adapter slot, the
   row order and the slot ranks from static device buffers, so one graph serves any
@@ -11,7 +11,8 @@ bucket of `capture_sizes(max_num_seqs)` three graphs are captured:
 - sgmv: the same with SGMV over the step's segments (its rows grouped by adapter, also
   from the buffers), for steps whose rows share adapters (`lora_form`): it reads an
   adapter once per tile of 16 rows, where BGMV reads it once per row (242 rows over 32
-  adapters: 4.6 ms of a 15 ms step as BGMV, 2.1 ms as SGMV).
+  adapters: 4.6 ms of a 15 ms step as BGMV, 2.1 ms as SGMV); none for buckets too
+  small for rows to share adapters.
 What a graph can not capture is a host-side decision that changes from step to step.
 The attention backend reads context lengths and block tables from device memory
 (`AttentionMetadata.for_decode_graph`), and the LoRA launch sizes come from bounds
@@ -21,7 +22,7 @@ Start-up cost: the forwards of all graphs first run once with their Triton launc
 made compile requests, so that their kernels compile on threads at once
 (`compile_ahead`; the runner does it for all graphs and its eager shapes in one pass);
 then each graph is run once eagerly (cuBLAS warms up) and captured. With the default 64
-sequences that is 9 buckets x 3 graphs, a few seconds in all on a warm Triton cache.
+sequences that is 9 buckets: 25 graphs, a few seconds in all on a warm Triton cache.
 All graphs share one memory pool (they never run concurrently), captured largest first
 so the smaller ones reuse its memory; the logits of every graph land in one shared
 `[max_bucket, vocab]` buffer.
@@ -230,6 +231,11 @@ class DecodeGraphs(BucketGraphs):
             feed.write_into(self.buffers.input_ids(len(seqs)))
         self._replay(bucket, variant)
         return self.logits[: len(seqs)]
+
+    def _keys(self, sizes: Sequence[int] | None) -> list[tuple[int, Variant]]:
+        # Fewer rows than SGMV_MIN_AVG_SEGMENT never share adapters (`lora_form`).
+        keys = super()._keys(sizes)
+        return [(s, v) for s, v in keys if v != "sgmv" or s >= SGMV_MIN_AVG_SEGMENT]
 
     def _forward(self, size: int, variant: Variant) -> Callable[[], None]:
         b = self.buffers
