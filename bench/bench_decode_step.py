@@ -76,7 +76,9 @@ def build(batch: int, context: int, rank: int) -> tuple[LlamaModel, KVCache, Lor
     from engine.attention.triton_backend import attend_triton
 
     config = LLAMA_31_8B
-    model = LlamaModel(config, dtype=torch.bfloat16, device="cuda", attend=attend_triton)
+    model = LlamaModel(
+        config, dtype=torch.bfloat16, device="cuda", attend=attend_triton, fold_rank=rank
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -2,7 +2,7 @@
 
 A decode step of B sequences (each one token, each sampling) launches hundreds of
 small kernels; replaying a captured graph removes their launch overhead. For every
-bucket of `capture_sizes(max_num_seqs)` up to three graphs are captured:
+bucket of `capture_sizes(max_num_seqs)` up to four graphs are captured:
 - base: `lora=None`, for steps where no row has an adapter;
 - bgmv: BGMV shrink/expand on every projection, reading each row's adapter slot, the
   row order and the slot ranks from static device buffers, so one graph serves any
@@ -12,7 +12,11 @@ bucket of `capture_sizes(max_num_seqs)` up to three graphs are captured:
   from the buffers), for steps whose rows share adapters (`lora_form`): it reads an
   adapter once per tile of 16 rows, where BGMV reads it once per row (242 rows over 32
   adapters: 4.6 ms of a 15 ms step as BGMV, 2.1 ms as SGMV); none for buckets too
-  small for rows to share adapters.
+  small for rows to share adapters;
+- fold, bucket 1 only, where the model has spare rows after each projection's weight
+  (`fold_rank` = the pool's `max_rank`): the row's adapter's A is copied there (once
+  per slot and slot write, `fold_slot`), so each base GEMM also yields the rank vector
+  and only the expand launches: half the LoRA kernels of a lone sequence's step.
 What a graph can not capture is a host-side decision that changes from step to step.
 The attention backend reads context lengths and block tables from device memory
 (`AttentionMetadata.for_decode_graph`), and the LoRA launch sizes come from bounds
@@ -22,7 +26,7 @@ Start-up cost: the forwards of all graphs first run once with their Triton launc
 made compile requests, so that their kernels compile on threads at once
 (`compile_ahead`; the runner does it for all graphs and its eager shapes in one pass);
 then each graph is run once eagerly (cuBLAS warms up) and captured. With the default 64
-sequences that is 9 buckets: 25 graphs, a few seconds in all on a warm Triton cache.
+sequences that is 9 buckets: 26 graphs, a few seconds in all on a warm Triton cache.
 All graphs share one memory pool (they never run concurrently), captured largest first
 so the smaller ones reuse its memory; the logits of every graph land in one shared
 `[max_bucket, vocab]` buffer.
@@ -50,7 +54,7 @@ from engine.kernels import SGMV_MIN_AVG_SEGMENT, shares_adapters
 from engine.kernels.compile_ahead import compiling_ahead
 from engine.kernels.meta import LoraKernelMeta
 from engine.kv_cache import KVCache
-from engine.lora.applier import MultiLoraApplier
+from engine.lora.applier import MultiLoraApplier, fold_slot
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.llama import LlamaModel
 from engine.scheduler import ScheduledSeq
@@ -58,8 +62,9 @@ from engine.token_feed import TokenFeed
 
 log = logging.getLogger(__name__)
 
-# A graph variant: "base" (no LoRA), or the form its LoRA kernels take.
-Variant = Literal["base", "bgmv", "sgmv"]
+# A graph variant: "base" (no LoRA), or the form its LoRA kernels take ("fold": the
+# shrink folded into the base GEMMs, see `DecodeGraphs`).
+Variant = Literal["base", "bgmv", "sgmv", "fold"]
 
 
 def lora_form(seqs: Sequence[ScheduledSeq]) -> Variant:
@@ -184,6 +189,9 @@ class DecodeGraphs(BucketGraphs):
         variants: tuple[Variant, ...] = ("base",)
         if self.lora_pool is not None:
             variants = ("base", "bgmv", "sgmv")
+            if model.fold_rank == self.lora_pool.max_rank:
+                variants += ("fold",)
+        self._folded: tuple[int, int] | None = None  # (slot, version) in the spare rows
         super().__init__(model.device, capture_sizes(max_num_seqs), variants)
         self.model = model
         self.kv_cache = kv_cache
@@ -213,6 +221,8 @@ class DecodeGraphs(BucketGraphs):
         if any(s.start_position >= self.max_model_len for s in seqs):
             return None
         variant = lora_form(seqs)
+        if variant == "bgmv" and len(seqs) == 1 and (1, "fold") in self._graphs:
+            variant = "fold"
         bucket = self._bucket(len(seqs), variant)
         if bucket is None:
             return None
@@ -226,16 +236,31 @@ class DecodeGraphs(BucketGraphs):
                 # This step's slots are written before the replay reads them; copies
                 # into other slots overlap it.
                 self.lora_pool.wait_pending(slots={s.adapter_slot for s in seqs})
+            if variant == "fold":
+                self._fold(seqs[0].adapter_slot)
         self.buffers.fill(step, ranks)
         if feed is not None:
             feed.write_into(self.buffers.input_ids(len(seqs)))
         self._replay(bucket, variant)
         return self.logits[: len(seqs)]
 
+    def _fold(self, slot: int) -> None:
+        """Have the spare rows hold `slot`'s A as it is now (a copy when they do not)."""
+        assert self.lora_pool is not None
+        key = (slot, self.lora_pool.slot_versions[slot])
+        if self._folded != key:
+            fold_slot(self.model.layers, self.lora_pool, slot)
+            self._folded = key
+
     def _keys(self, sizes: Sequence[int] | None) -> list[tuple[int, Variant]]:
-        # Fewer rows than SGMV_MIN_AVG_SEGMENT never share adapters (`lora_form`).
+        # Fewer rows than SGMV_MIN_AVG_SEGMENT never share adapters (`lora_form`), and
+        # a fold serves one row, whose base output stays contiguous beside its h.
         keys = super()._keys(sizes)
-        return [(s, v) for s, v in keys if v != "sgmv" or s >= SGMV_MIN_AVG_SEGMENT]
+        return [
+            (s, v)
+            for s, v in keys
+            if (v != "sgmv" or s >= SGMV_MIN_AVG_SEGMENT) and (v != "fold" or s == 1)
+        ]
 
     def _forward(self, size: int, variant: Variant) -> Callable[[], None]:
         b = self.buffers
@@ -288,15 +313,20 @@ def graph_attention_metadata(
 
 
 def graph_lora_applier(
-    pool: LoraSlotPool, buffers: StaticDecodeBuffers, size: int, form: Literal["bgmv", "sgmv"]
+    pool: LoraSlotPool,
+    buffers: StaticDecodeBuffers,
+    size: int,
+    variant: Literal["bgmv", "sgmv", "fold"],
 ) -> MultiLoraApplier:
-    """LoRA in `form` over the static buffers of a `size`-row bucket, sized by bounds:
+    """LoRA of `variant` (fold: BGMV's expand after a folded shrink) over the static
+    buffers of a `size`-row bucket, sized by bounds:
     every row counted active, the pool's `max_rank` as the batch's rank (the kernels
     read each row's slot, each slot's rank and, for SGMV, the segments of rows from the
     buffers, and skip slot -1, rank 0 and empty segments). SGMV only replays steps that
     `lora_form` gives it, whose rows average `SGMV_MIN_AVG_SEGMENT` per adapter, so at
     most `size // SGMV_MIN_AVG_SEGMENT` segments are not empty: the grid (one tile per
     16 rows plus one per segment) stays that small however many slots the pool has."""
+    form = "sgmv" if variant == "sgmv" else "bgmv"
     slots = min(buffers.num_lora_slots, max(1, size // SGMV_MIN_AVG_SEGMENT))
     meta = LoraKernelMeta(
         token_slots=buffers.token_slots(size),
@@ -314,4 +344,4 @@ def graph_lora_applier(
         seg_ranks_host=(pool.max_rank,) * slots,
         bounded=True,
     )
-    return MultiLoraApplier.from_meta(pool, meta, backend="triton", form=form)
+    return MultiLoraApplier.from_meta(pool, meta, "triton", form, folded=variant == "fold")

@@ -16,6 +16,7 @@ from engine.attention import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.model.default_model import ensure_default_model
 from engine.model.llama import LlamaModel
+from engine.model.lora_hook import LoraApplier
 
 TINY_KINDS = ("llama31", "qwen2", "mistral", "llama_tied")
 # The SmolLM2 tokenizer's vocabulary, so its copied tokenizer files serve the tiny models.
@@ -122,7 +123,7 @@ class PagedDriver:
         self.block_tables: dict[int, list[int]] = {}
         self.context_lens: dict[int, int] = {}
 
-    def step(self, chunks: list[tuple[int, list[int]]]) -> Tensor:
+    def step(self, chunks: list[tuple[int, list[int]]], lora: LoraApplier | None = None) -> Tensor:
         """Run one flat batch of `(seq_id, new_token_ids)` chunks; returns `[num_chunks, vocab]`
         logits of each chunk's last token. Unknown seq ids start new sequences."""
         query_lens, context_lens, tables, input_ids = [], [], [], []
@@ -141,7 +142,7 @@ class PagedDriver:
         )
         last = torch.tensor(meta.query_start_loc[1:], device=self.model.device) - 1
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.model.device)
-        return self.model(ids, meta.positions, meta, self.cache, None, last)
+        return self.model(ids, meta.positions, meta, self.cache, lora, last)
 
     def generate(
         self, seq_id: int, prompt: list[int], num_tokens: int, first_chunk: int | None = None

@@ -111,7 +111,8 @@ def _bgmv_expand_kernel(
     for i in tl.static_range(N_SLICES):
         lo, hi = slice_bounds(i, o0, o1, o2, o3, o4)
         if (lo < n0 + BLOCK_N) & (hi > n0):
-            hr = tl.sum(tl.load(h_tok + i * stride_hi, mask=h_mask, other=0.0), axis=0)
+            ht = tl.load(h_tok + i * stride_hi, mask=h_mask, other=0.0)
+            hr = tl.sum(ht.to(tl.float32), axis=0)
             cols = (offs_n >= lo) & (offs_n < hi)
             bt = tl.load(b_tile, mask=cols[:, None] & r_mask[None, :], other=0.0)  # [N, R]
             acc += tl.sum(bt.to(tl.float32) * hr[None, :], axis=1)

@@ -117,8 +117,10 @@ def _check_expand(
     slice_offsets: Sequence[int],
     meta: LoraKernelMeta,
 ) -> None:
-    if h.dim() != 4 or lora_b.dim() != 3 or out.dim() != 2 or h.dtype != torch.float32:
-        raise ValueError("expected h [splits, T, n_slices, r_max] float32, lora_b 3-D, out 2-D")
+    if h.dim() != 4 or lora_b.dim() != 3 or out.dim() != 2:
+        raise ValueError("expected h [splits, T, n_slices, r_max], lora_b 3-D, out 2-D")
+    if h.dtype != torch.float32 and not (h.dtype == out.dtype and h.shape[0] == 1):
+        raise ValueError(f"h must be float32, or one plane in out's dtype; got {h.dtype}")
     if not 1 <= h.shape[0] <= MAX_SPLIT_K:
         raise ValueError(f"h has {h.shape[0]} planes, expected 1 to {MAX_SPLIT_K}")
     if h.shape[1] != meta.num_tokens or out.shape[0] != meta.num_tokens:
@@ -187,14 +189,15 @@ def lora_expand(
     """`out[t, o_i:o_{i+1}] += h.sum(0)[t, i, :r] @ lora_b[s, o_i:o_{i+1}, :r].T` in place.
 
     h `[splits, T, n_slices, r_max]` float32 as `lora_shrink` returns it (the planes are
-    added up in float32 as they are read); lora_b `[S, total_out, r_max]`
+    added up in float32 as they are read), or one plane in out's dtype (a shrink folded
+    into the base GEMM, `engine.model.lora_hook`); lora_b `[S, total_out, r_max]`
     with scaling folded in; out `[T, total_out]` in lora_b's dtype; `slice_offsets` has
     n_slices + 1 entries from 0 to total_out. The sum is formed in float32 and rounded
     once to out's dtype. Rows of tokens with slot -1 are neither read nor written.
     """
     _check_expand(h, lora_b, out, slice_offsets, meta)
     if backend == "torch":
-        planes = h[0] if h.shape[0] == 1 else h.sum(0)  # [T, n_slices, r_max] f32
+        planes = (h[0] if h.shape[0] == 1 else h.sum(0)).float()  # [T, n_slices, r_max]
         reference.expand_ref(planes, lora_b, out, slice_offsets, meta)
         return
     if backend != "triton":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,10 +21,14 @@ from engine.kernels.lora_ops import (
     add_lora,
     choose_form,
     default_backend,
+    lora_expand,
 )
 from engine.kernels.meta import LoraKernelMeta, build_meta
 from engine.lora.slot_pool import LoraSlotPool
 from engine.model.lora_hook import PROJECTION_GROUPS
+
+if TYPE_CHECKING:
+    from engine.model.llama import DecoderLayer
 
 _MAX_GROUP_SLICES = max(len(p) for p in PROJECTION_GROUPS.values())
 
@@ -47,13 +52,20 @@ class MultiLoraApplier:
 
     @classmethod
     def from_meta(
-        cls, pool: LoraSlotPool, meta: LoraKernelMeta, backend: Backend, form: Form
+        cls,
+        pool: LoraSlotPool,
+        meta: LoraKernelMeta,
+        backend: Backend,
+        form: Form,
+        folded: bool = False,
     ) -> MultiLoraApplier:
         """An applier over a prebuilt `meta` with a fixed `form`: e.g. a CUDA graph's,
         whose device tensors are refilled between replays and whose host fields are
-        bounds (see `engine.cuda_graphs`)."""
+        bounds (see `engine.cuda_graphs`). `folded`: the model's spare rows hold the A
+        of the one slot the step's tokens use, and the model calls `expand`."""
         applier = cls.__new__(cls)
         applier._setup(pool, meta, backend, form)
+        applier.folded = folded
         return applier
 
     def _setup(
@@ -63,6 +75,7 @@ class MultiLoraApplier:
         self.backend: Backend = backend
         self.meta: LoraKernelMeta = meta
         self.form: Form = form
+        self.folded = False
         self._h: torch.Tensor | None = None
         if self.meta.num_active and self.backend != "torch":
             # One float32 scratch for the shrink output, shared by every layer and group:
@@ -99,3 +112,23 @@ class MultiLoraApplier:
             form=self.form,
             h=h,
         )
+
+    def expand(self, layer: int, group: str, h: torch.Tensor, out: torch.Tensor) -> None:
+        """`out += h @ B` for every token with a slot, where `h` `[num_tokens, n_slices *
+        r_max]` is the folded shrink's output (see `LoraApplier`)."""
+        if not self.meta.num_active:
+            return
+        _, lora_b = self.pool.layer_weights(layer, group)
+        planes = h.unflatten(1, (-1, self.pool.max_rank)).unsqueeze(0)  # [1, T, n, r_max]
+        offsets = self.pool.slice_offsets[group]
+        lora_expand(planes, lora_b, out, offsets, self.meta, self.form, backend=self.backend)
+
+
+def fold_slot(layers: Sequence[DecoderLayer], pool: LoraSlotPool, slot: int) -> None:
+    """Copy `slot`'s A rows into every layer's spare rows (`DecoderLayer.fold_rows`, at
+    the pool's `max_rank`): what a folded applier for that slot expects. Queued on the
+    current stream, behind whatever it already holds."""
+    groups = list(PROJECTION_GROUPS)
+    rows = [layer.fold_rows(g) for layer in layers for g in groups]
+    a = [pool.lora_a[g][i, slot].flatten(0, 1) for i in range(len(layers)) for g in groups]
+    torch._foreach_copy_(rows, a)

@@ -5,7 +5,8 @@ Layout (what the LoRA kernels index), per group g in GROUPS and layer l:
   in its first r rows (q,k,v for "qkv"; gate,up for "gate_up"; one slice otherwise).
 - `lora_b[g][l]` `[S, total_out, r_max]`: projection i's B_scaled `[out_i, r]` at rows
   `slice_offsets[g][i]:slice_offsets[g][i+1]`, first r columns.
-- `slot_ranks` `[S]` int32 on the host: the rank loaded in each slot, 0 when empty.
+- `slot_ranks` `[S]` int32 on the host: the rank loaded in each slot, 0 when empty;
+  `slot_versions` counts each slot's writes (for copies of a slot kept elsewhere).
 Everything not loaded (padding rows/columns, untargeted projections and layers, empty
 slots) is zero, so a kernel may read a whole `r_max` and still add nothing spurious.
 
@@ -91,6 +92,7 @@ class LoraSlotPool:
                     self.lora_b[group][:, 0].numel(), dtype=dtype, device=self.device
                 )
         self.slot_ranks = torch.zeros(max_loras, dtype=torch.int32)  # [S] host
+        self.slot_versions = [0] * max_loras
         self._pending: list[SlotLoad] = []
         self._stream: torch.cuda.Stream | None = None
         if self.device.type == "cuda":
@@ -108,6 +110,7 @@ class LoraSlotPool:
         side stream. Truly asynchronous when the image is pinned; a pure memcpy when it
         is in the pool's dtype (another dtype is cast on the device)."""
         self._check_slot(slot)
+        self.slot_versions[slot] += 1
         if weights.rank > self.max_rank:
             raise ValueError(
                 f"adapter rank {weights.rank} exceeds the pool's max_rank {self.max_rank}"
@@ -153,6 +156,7 @@ class LoraSlotPool:
     def clear_slot(self, slot: int) -> SlotLoad:
         """Zero `slot` and set its rank to 0."""
         self._check_slot(slot)
+        self.slot_versions[slot] += 1
         handle = SlotLoad(slot=slot)
         if self._stream is None:
             for group in GROUPS:

@@ -19,7 +19,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, select_backend
 from engine.kernels import triton_available
 from engine.kv_cache import KVCache
 from engine.model.config import ModelConfig
-from engine.model.lora_hook import LoraApplier
+from engine.model.lora_hook import PROJECTION_GROUPS, LoraApplier
 from engine.model.rope import RotaryEmbedding
 
 
@@ -75,7 +75,12 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, fused: bool
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        fused: bool,
+        fold_rank: int = 0,
     ) -> None:
         super().__init__()
         self.fused = fused
@@ -89,13 +94,53 @@ class DecoderLayer(nn.Module):
         p = {"dtype": dtype, "device": device}
         self.input_norm = _weight(hidden, **p)
         qkv_rows = self.q_size + 2 * self.kv_size
-        self.qkv_proj = _weight(qkv_rows, hidden, **p)
+        # With `fold_rank`, each projection's weight is the first rows of a storage with
+        # room after them for one adapter's A rows (`fold_rows`), zero until filled.
+        self.fold_rank = fold_rank
+        self._folded: dict[str, Tensor] = {}  # group -> [out + n_slices * fold_rank, in]
+        self.qkv_proj = self._projection("qkv", qkv_rows, hidden, p)
         self.qkv_bias = _weight(qkv_rows, **p) if config.attention_bias else None
-        self.o_proj = _weight(hidden, self.q_size, **p)
+        self.o_proj = self._projection("o", hidden, self.q_size, p)
         self.o_bias = _weight(hidden, **p) if has_o_proj_bias(config) else None
         self.post_attention_norm = _weight(hidden, **p)
-        self.gate_up_proj = _weight(2 * inter, hidden, **p)
-        self.down_proj = _weight(hidden, inter, **p)
+        self.gate_up_proj = self._projection("gate_up", 2 * inter, hidden, p)
+        self.down_proj = self._projection("down", hidden, inter, p)
+
+    def _projection(self, group: str, rows: int, cols: int, p: dict) -> nn.Parameter:
+        if not self.fold_rank:
+            return _weight(rows, cols, **p)
+        spare = len(PROJECTION_GROUPS[group]) * self.fold_rank
+        self._folded[group] = torch.zeros(rows + spare, cols, **p)
+        return nn.Parameter(self._folded[group][:rows], requires_grad=False)
+
+    def fold_rows(self, group: str) -> Tensor:
+        """The spare rows after `group`'s weight, `[n_slices * fold_rank, in]`."""
+        full = self._folded[group]
+        return full[full.shape[0] - len(PROJECTION_GROUPS[group]) * self.fold_rank :]
+
+    def _project(
+        self,
+        layer: int,
+        group: str,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora: LoraApplier | None,
+    ) -> Tensor:
+        """`group`'s projection of x, plus each tagged token's LoRA delta. When `lora`
+        folds its shrink, one GEMM over the weight and its spare rows (which then hold
+        an adapter's A) gives both the base output and the adapter's rank vectors."""
+        if lora is None or not lora.folded:
+            out = F.linear(x, weight, bias)
+            if lora is not None:
+                lora.apply(layer, group, x, out)
+            return out
+        full = self._folded[group]
+        out, h = F.linear(x, full).split((weight.shape[0], full.shape[0] - weight.shape[0]), -1)
+        if bias is not None:
+            out += bias
+        lora.expand(layer, group, h, out)
+        return out
 
     def forward(
         self,
@@ -111,9 +156,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:  # (this block's output [T, hidden], residual [T, hidden])
         num_tokens = h.shape[0]
         x, residual = add_rms_norm(h, residual, self.input_norm, self.eps, self.fused)
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [T, q + 2*kv]
-        if lora is not None:
-            lora.apply(layer, "qkv", x, qkv)
+        qkv = self._project(layer, "qkv", x, self.qkv_proj, self.qkv_bias, lora)  # [T, q + 2*kv]
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -125,18 +168,11 @@ class DecoderLayer(nn.Module):
             q, k = rope(q, k, positions)
             attn = attend(q, k, v, kv_layer, meta, self.scale)
         attn = attn.reshape(num_tokens, self.q_size)
-        o = F.linear(attn, self.o_proj, self.o_bias)  # [T, hidden]
-        if lora is not None:
-            lora.apply(layer, "o", attn, o)
-
+        o = self._project(layer, "o", attn, self.o_proj, self.o_bias, lora)  # [T, hidden]
         x, residual = add_rms_norm(o, residual, self.post_attention_norm, self.eps, self.fused)
-        gate_up = F.linear(x, self.gate_up_proj)  # [T, 2*inter]
-        if lora is not None:
-            lora.apply(layer, "gate_up", x, gate_up)
+        gate_up = self._project(layer, "gate_up", x, self.gate_up_proj, None, lora)  # [T, 2*inter]
         act = silu_and_mul(gate_up, self.fused)  # [T, inter]
-        down = F.linear(act, self.down_proj)  # [T, hidden]
-        if lora is not None:
-            lora.apply(layer, "down", act, down)
+        down = self._project(layer, "down", act, self.down_proj, None, lora)  # [T, hidden]
         return down, residual
 
 
@@ -158,12 +194,16 @@ class LlamaModel(nn.Module):
         device: torch.device | str = "cpu",
         attend: AttentionBackend | None = None,
         fused_ops: bool | None = None,
+        fold_rank: int = 0,
     ) -> None:
         """`fused_ops` None uses the fused Triton element-wise kernels where they run
-        (CUDA with Triton); False keeps the plain torch code everywhere."""
+        (CUDA with Triton); False keeps the plain torch code everywhere. `fold_rank` > 0
+        gives every projection room for one adapter's A rows at that rank, for LoRA
+        that folds its shrink into the base GEMM (`LoraApplier.folded`)."""
         super().__init__()
         device = torch.device(device)
         self.fused_ops = fused_ops_available(device) if fused_ops is None else fused_ops
+        self.fold_rank = fold_rank
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -171,7 +211,8 @@ class LlamaModel(nn.Module):
         p = {"dtype": dtype, "device": device}
         self.embed_tokens = _weight(config.vocab_size, config.hidden_size, **p)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, dtype, device, self.fused_ops) for _ in range(config.num_layers)
+            DecoderLayer(config, dtype, device, self.fused_ops, fold_rank)
+            for _ in range(config.num_layers)
         )
         self.norm = _weight(config.hidden_size, **p)
         self.lm_head = (

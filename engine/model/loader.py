@@ -31,11 +31,15 @@ def load_model(
     device: torch.device | str = "cpu",
     attend: AttentionBackend | None = None,
     fused_ops: bool | None = None,
+    fold_rank: int = 0,
 ) -> LlamaModel:
     """Parse `folder/config.json`, build the model on `device` and load its weights.
-    `attend` and `fused_ops` as in `LlamaModel` (None: the best for `device`)."""
+    `attend`, `fused_ops` and `fold_rank` as in `LlamaModel` (None: the best for
+    `device`)."""
     config = load_model_config(Path(folder))
-    model = LlamaModel(config, dtype=dtype, device=device, attend=attend, fused_ops=fused_ops)
+    model = LlamaModel(
+        config, dtype=dtype, device=device, attend=attend, fused_ops=fused_ops, fold_rank=fold_rank
+    )
     load_weights(model, Path(folder))
     return model.eval()
 

@@ -21,7 +21,15 @@ PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
 
 
 class LoraApplier(Protocol):
-    """Adds per-token LoRA deltas to the base projections of one forward pass."""
+    """Adds per-token LoRA deltas to the base projections of one forward pass.
+
+    `folded` False: the model calls `apply` after each base projection. True: one
+    adapter's A rows sit in the spare rows after each projection's weight (the model's
+    `fold_rank`), so the base GEMM also yields each token's rank vector h, and the
+    model calls `expand` with it instead.
+    """
+
+    folded: bool
 
     def apply(self, layer: int, group: str, x: Tensor, out: Tensor) -> None:
         """Add each tagged token's LoRA delta to `out` in place.
@@ -31,4 +39,9 @@ class LoraApplier(Protocol):
         "down" (out [T, hidden]). `x` is that projection's input [T, in]; `out` already
         holds the base output including any bias. Tokens without an adapter are untouched.
         """
+        ...
+
+    def expand(self, layer: int, group: str, h: Tensor, out: Tensor) -> None:
+        """`apply` for a folded shrink: `h` `[T, n_slices * fold_rank]` is x's product
+        with the spare rows, slice after slice, in out's dtype."""
         ...

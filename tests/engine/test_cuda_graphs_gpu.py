@@ -76,7 +76,7 @@ def gpu_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path
 def _runner(
     base: Path, adapter_dirs: list[Path], dtype: torch.dtype, graphs: bool, mixed_tokens: int = 0
 ):
-    model = load_model(base, dtype=dtype, device="cuda")
+    model = load_model(base, dtype=dtype, device="cuda", fold_rank=MAX_RANK)
     pool = LoraSlotPool(model.config, 8, MAX_RANK, dtype, "cuda")
     for slot, folder in enumerate(adapter_dirs[:5]):
         pool.load_into_slot(slot, load_adapter(folder, model.config, MAX_RANK))
@@ -92,9 +92,11 @@ def _runner(
             pad_block=NUM_BLOCKS - 1,
         )
         decode_graphs.capture()
-        # Every bucket has base and BGMV graphs; buckets too small to share adapters no SGMV.
+        # Every bucket has base and BGMV graphs; buckets too small to share adapters no
+        # SGMV; a lone row also the folded shrink.
         expected = {(size, v) for size in decode_graphs.sizes for v in ("base", "bgmv")}
         expected |= {(size, "sgmv") for size in decode_graphs.sizes if size >= 3}
+        expected |= {(1, "fold")}
         assert set(decode_graphs.captured) == expected
     mixed_graphs = None
     if graphs and mixed_tokens:
@@ -152,6 +154,28 @@ def test_replay_matches_eager_tokens_with_reloads(gpu_setup, num_seqs: int) -> N
         assert tokens[0] == tokens[1], f"step {step}"
     # 32 rows share five adapters (SGMV); 3 or 13 rows hardly share them (BGMV).
     assert graphed.decode_graphs.replays == {"sgmv" if num_seqs == 32 else "bgmv": 10}
+
+
+def test_lone_row_replays_the_folded_shrink(gpu_setup) -> None:
+    """One sequence with an adapter decodes through the fold graph (its adapter's A in
+    the model's spare rows) and gives the eager tokens, across a reload of its slot and
+    a move to another slot, each of which the spare rows must follow."""
+    base, adapter_dirs, _ = gpu_setup
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager, config = _runner(base, adapter_dirs, torch.float32, graphs=False)
+    graphed, _ = _runner(base, adapter_dirs, torch.float32, graphs=True)
+    drivers = _drivers([eager, graphed], 1, seed=5)  # r0 in slot 0
+    assert drivers[0].step() == drivers[1].step()  # prefill, eager in both
+    reloaded = load_adapter(adapter_dirs[5], config, MAX_RANK)
+    for step in range(9):
+        if step == 3:
+            for runner in (eager, graphed):
+                runner.load_adapter(0, reloaded)
+        if step == 6:
+            for driver in drivers:
+                driver.set_slot("r0", 2)
+        assert drivers[0].step() == drivers[1].step(), f"step {step}"
+    assert graphed.decode_graphs.replays == {"fold": 9}
 
 
 def test_rows_sharing_one_adapter_replay_sgmv(gpu_setup) -> None:

@@ -26,7 +26,7 @@ from engine.kernels import (  # noqa: E402
     lora_expand,
     lora_shrink,
 )
-from engine.kernels.lora_ops import MAX_SPLIT_K, new_scratch  # noqa: E402
+from engine.kernels.lora_ops import MAX_SPLIT_K, Backend, Form, new_scratch  # noqa: E402
 from engine.kernels.reference import add_lora_ref, expand_ref, shrink_ref  # noqa: E402
 from tests.triton_skip import triton_skip_reason  # noqa: E402
 
@@ -261,6 +261,26 @@ def test_expand_kernel(case: Case, form: str, planes: int) -> None:
     out_ref = p.out.clone()
     lora_expand(h, p.lora_b, out_ref, case.offsets, p.meta, backend="torch")
     torch.testing.assert_close(out, out_ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("form", ["sgmv", "bgmv"])
+def test_expand_takes_one_plane_in_out_dtype(form: Form, backend: Backend) -> None:
+    """A shrink folded into the base GEMM hands the expand h in bf16, one plane, as
+    columns of the GEMM's output (a row stride wider than h): the sums of that h in
+    float32, rounded once."""
+    case = CASES[-1]
+    p = make_problem(case, torch.bfloat16)
+    h = torch.where(p.h_valid, p.h_dense, NAN).to(torch.bfloat16).to(DEVICE)  # [T, n, r]
+    gemm = torch.cat([p.out.new_zeros(h.shape[0], 7), h.flatten(1)], dim=1)
+    folded = gemm[:, 7:].unflatten(1, h.shape[1:])[None]  # [1, T, n, r], row stride wider
+    out, expected = p.out.clone(), p.out.clone()
+    lora_expand(folded, p.lora_b, out, case.offsets, p.meta, form, backend=backend)
+    lora_expand(h.float()[None], p.lora_b, expected, case.offsets, p.meta, form, backend=backend)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="one plane"):
+        lora_expand(folded.expand(2, -1, -1, -1), p.lora_b, out, case.offsets, p.meta, form)
 
 
 @needs_triton

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.lora.applier import MultiLoraApplier
+from engine.lora.applier import MultiLoraApplier, fold_slot
 from engine.lora.peft_format import LoraWeights, load_adapter
 from engine.lora.slot_pool import GROUPS, SLICE_OF, LoraSlotPool
 from engine.model.config import ModelConfig, load_model_config
+from engine.model.loader import load_model
 from engine.model.lora_hook import PROJECTION_GROUPS
 from tests.adapter_factory import make_peft_adapter, make_tiny_llama, write_random_adapter
+from tests.model_factory import PagedDriver
 
 MAX_RANK = 8
 
@@ -262,3 +264,26 @@ def test_cuda_slot_from_pinned_packed_image_equals_per_module_copy_at_8b_shapes(
         for group, (a, b) in per_module_slot(pool, slot, reference).items():
             assert torch.equal(pool.lora_a[group][:, slot], a), (slot, group)
             assert torch.equal(pool.lora_b[group][:, slot], b), (slot, group)
+
+
+def test_folded_shrink_gives_the_applier_logits(setup) -> None:
+    """With a slot's A copied into the model's spare rows (`fold_slot`), a folded
+    applier (one GEMM gives the base output and h; then only the expand) gives the plain
+    applier's logits, for either adapter; the spare rows change nothing without LoRA."""
+    config, weights_a, weights_b, base_dir, _ = setup
+    plain_model = load_model(base_dir, dtype=torch.float32, device="cpu")
+    model = load_model(base_dir, dtype=torch.float32, device="cpu", fold_rank=MAX_RANK)
+    pool = LoraSlotPool(config, max_loras=3, max_rank=MAX_RANK, dtype=torch.float32, device="cpu")
+    pool.load_into_slot(1, weights_b)
+    pool.load_into_slot(2, weights_a)
+    prompt = list(range(3, 12))
+    base = PagedDriver(model).step([(0, prompt)])
+    torch.testing.assert_close(base, PagedDriver(plain_model).step([(0, prompt)]))
+    for slot in (1, 2):
+        plain = MultiLoraApplier(pool, [slot] * len(prompt), backend="torch")
+        expected = PagedDriver(model).step([(0, prompt)], plain)
+        assert not torch.allclose(expected, base, atol=1e-3)  # the adapter matters
+        fold_slot(model.layers, pool, slot)
+        folded = MultiLoraApplier.from_meta(pool, plain.meta, "torch", plain.form, folded=True)
+        got = PagedDriver(model).step([(0, prompt)], folded)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
