@@ -157,13 +157,15 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pat
 
 
 @pytest.mark.skipif(not _interpreted_triton(), reason="needs the Triton interpreter (no CUDA)")
-@pytest.mark.parametrize("form", ["bgmv", "sgmv"])
+@pytest.mark.parametrize("form", ["bgmv", "sgmv", "fold"])
 def test_graph_forward_matches_eager_on_cpu(tiny_setup, form: str) -> None:
     """What a decode graph runs (static buffers, graph metadata, BGMV or SGMV over static
     slots, padding rows) equals the eager runner, before and after a slot is reloaded,
-    for rows that each have their own adapter (BGMV) or share two (SGMV)."""
+    for rows that each have their own adapter (BGMV) or share two (SGMV), and for a lone
+    row whose adapter's A sits in the model's spare rows (fold)."""
     from engine.attention.triton_backend import attend_triton
     from engine.kv_cache import KVCache
+    from engine.lora.applier import fold_slot
     from engine.lora.peft_format import load_adapter
     from engine.lora.slot_pool import LoraSlotPool
     from engine.model.loader import load_model
@@ -171,7 +173,10 @@ def test_graph_forward_matches_eager_on_cpu(tiny_setup, form: str) -> None:
     from tests.engine.decode_driver import ScheduledDriver
 
     base, adapter_dirs = tiny_setup
-    model = load_model(base, dtype=torch.float32, device="cpu", attend=attend_triton)
+    fold_rank = 16 if form == "fold" else 0
+    model = load_model(
+        base, dtype=torch.float32, device="cpu", attend=attend_triton, fold_rank=fold_rank
+    )
     pool = LoraSlotPool(model.config, max_loras=6, max_rank=16, dtype=torch.float32, device="cpu")
     weights = [load_adapter(d, model.config, 16) for d in adapter_dirs]
     for slot, w in enumerate(weights):
@@ -182,17 +187,21 @@ def test_graph_forward_matches_eager_on_cpu(tiny_setup, form: str) -> None:
     runner = ModelRunner(model, cache, pool, lora_backend="torch")
     driver = ScheduledDriver(runner, num_blocks - 1, seed=3)
     gen = torch.Generator().manual_seed(0)
-    slots = {"bgmv": [0, -1, 3, 1, 4, 2, -1], "sgmv": [0, -1, 3, 0, 3, 0, 3]}[form]
-    for i, (slot, length) in enumerate(zip(slots, [5, 16, 17, 31, 1, 40, 9], strict=True)):
+    slots = {"bgmv": [0, -1, 3, 1, 4, 2, -1], "sgmv": [0, -1, 3, 0, 3, 0, 3], "fold": [3]}[form]
+    lengths = [5, 16, 17, 31, 1, 40, 9][: len(slots)]
+    for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
         driver.add(f"r{i}", torch.randint(3, 512, (length,), generator=gen).tolist(), slot)
     driver.step()  # prefill, eagerly
 
     buffers = StaticDecodeBuffers(8, max_blocks, pool.max_loras, torch.device("cpu"))
-    for bucket, reload in ((8, False), (8, True)):
+    bucket = 1 if form == "fold" else 8
+    for reload in (False, True):
         if reload:  # another adapter (another rank) in slot 3 between two replays
             pool.load_into_slot(3, weights[2])
+        if form == "fold":  # what DecodeGraphs does before the replay
+            fold_slot(model.layers, pool, 3)
         batch = driver.batch()
-        assert lora_form(batch.seqs) == form
+        assert lora_form(batch.seqs) == ("bgmv" if form == "fold" else form)
         expected = runner._forward(batch)  # [7, vocab]
         step = pad_decode(batch.seqs, bucket, block_size, pad_block, pool.max_loras)
         buffers.fill(step, pool.slot_ranks)
