@@ -24,3 +24,4 @@ protos:
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
