@@ -288,7 +288,7 @@ if hooks_loads:  # a kernel's load onto the device, and its launcher: on which t
     knobs.runtime.kernel_load_start_hook = lambda *_: loads.append(threading.current_thread().name)
 
 base, adapter, blocks, seqs, rank = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
-model = load_model(base, dtype=torch.bfloat16, device="cuda")
+model = load_model(base, dtype=torch.bfloat16, device="cuda", fold_rank=rank)
 pool = LoraSlotPool(model.config, 4, rank, torch.bfloat16, "cuda")
 pool.load_into_slot(0, load_adapter(adapter, model.config, rank))
 cache = KVCache(model.config, blocks, 16, torch.bfloat16, "cuda")
