@@ -115,9 +115,10 @@ def build_engine(
     dtype = getattr(torch, config.dtype)
     tokenizer_load = _in_background(Tokenizer, config.model_path)
     start = time.perf_counter()
-    # On CUDA the projections get room for one adapter's A rows: lone sequences' decode
-    # graphs fold their LoRA shrink into the base GEMMs (`engine.cuda_graphs`).
-    fold_rank = config.max_lora_rank if config.on_cuda else 0
+    # With LoRA graphs the projections get room for one adapter's A rows: lone
+    # sequences' decode graphs fold their LoRA shrink into the base GEMMs.
+    lora_graphs = config.cuda_graphs and config.on_cuda and config.resolved_lora_backend == "triton"
+    fold_rank = config.max_lora_rank if lora_graphs else 0
     model = load_model(config.model_path, dtype=dtype, device=config.device, fold_rank=fold_rank)
     log.info("loaded the model's weights in %.1f s", time.perf_counter() - start)
     model_config = model.config
