@@ -123,6 +123,12 @@ class EngineConfig:
         return "triton" if self.on_cuda else "torch"
 
     @property
+    def lora_in_graphs(self) -> bool:
+        """Whether steps with adapters may replay CUDA graphs: graphs asked for, on CUDA,
+        with the Triton LoRA kernels (the torch backend's run eagerly)."""
+        return self.cuda_graphs and self.on_cuda and self.resolved_lora_backend == "triton"
+
+    @property
     def readable_adapter_roots(self) -> tuple[Path, ...]:
         """Where LoadAdapter may read: `adapter_roots`, and `adapter_dir` (its preload
         reads there); with none at all LoadAdapter reads nothing."""

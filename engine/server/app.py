@@ -117,8 +117,7 @@ def build_engine(
     start = time.perf_counter()
     # With LoRA graphs the projections get room for one adapter's A rows: lone
     # sequences' decode graphs fold their LoRA shrink into the base GEMMs.
-    lora_graphs = config.cuda_graphs and config.on_cuda and config.resolved_lora_backend == "triton"
-    fold_rank = config.max_lora_rank if lora_graphs else 0
+    fold_rank = config.max_lora_rank if config.lora_in_graphs else 0
     model = load_model(config.model_path, dtype=dtype, device=config.device, fold_rank=fold_rank)
     log.info("loaded the model's weights in %.1f s", time.perf_counter() - start)
     model_config = model.config
@@ -277,7 +276,7 @@ def _runner(
         "max_num_seqs": config.max_num_seqs,
         "max_model_len": limits.max_model_len,
         "pad_block": pad_block,
-        "lora_graphs": lora_backend == "triton",
+        "lora_graphs": config.lora_in_graphs,
     }
     decode_graphs = DecodeGraphs(model, kv_cache, pool, **graph_args)
     mixed_graphs = None  # unless `--mixed-graph-tokens 0`, mixed steps get graphs too
