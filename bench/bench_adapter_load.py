@@ -13,6 +13,9 @@ Rows (page cache warm, median of `--repeats`):
   file whose digest is known (an evicted adapter, or one folder under two ids). The
   first pinned load is reported apart: later ones reuse page-locked blocks from torch's
   host allocator, a real preload mostly cannot.
+- the same loads packed by torch's whole intra-op team (`_team`: `this_thread_only`
+  replaced by a no-op, the code before it), interleaved with the rows above so that a
+  shared machine's drift hits both alike.
 - host -> slot: `LoraSlotPool.load_into_slot` from the pinned image into a pool at
   `--max-lora-rank`, CUDA events around the copy and `wait_pending`, median of 20.
 - preload N threads: `AdapterPreloader` over `--adapters` folders into a registry that
@@ -25,6 +28,7 @@ Rows (page cache warm, median of `--repeats`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -43,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_decode_step import LLAMA_31_8B  # noqa: E402
 
+from engine.lora import peft_format  # noqa: E402
 from engine.lora.hashed_read import (  # noqa: E402
     READ_BUFFERS,
     VERIFIED_DIGESTS,
@@ -64,6 +71,17 @@ def median_ms(run, repeats: int) -> float:
         run()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_median_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms of each run, the runs taken in turn `repeats` times."""
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def slot_load_ms(pool: LoraSlotPool, image, repeats: int) -> float:
@@ -138,25 +156,30 @@ def main() -> None:
             lambda: read_and_release(VERIFIED_DIGESTS), args.repeats
         )
 
-        def load(pin: bool, hashed: bool = False):
+        def load(pin: bool, hashed: bool = False, team: bool = False):
             if hashed:
                 VERIFIED_DIGESTS.clear()
-            return load_adapter(
-                folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin
-            )
+            no_op = mock.patch.object(peft_format, "this_thread_only", contextlib.nullcontext)
+            with no_op if team else contextlib.nullcontext():
+                return load_adapter(
+                    folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin
+                )
 
-        results["disk_to_host_pageable_hashed_ms"] = median_ms(
-            lambda: load(False, hashed=True), args.repeats
-        )
-        results["disk_to_host_pageable_ms"] = median_ms(lambda: load(False), args.repeats)
+        def loads(memory: str) -> dict[str, Callable[[], object]]:
+            pin = memory == "pinned"
+            return {
+                f"disk_to_host_{memory}_hashed_ms": lambda: load(pin, hashed=True),
+                f"disk_to_host_{memory}_ms": lambda: load(pin),
+                f"disk_to_host_{memory}_hashed_team_ms": lambda: load(pin, True, team=True),
+                f"disk_to_host_{memory}_team_ms": lambda: load(pin, team=True),
+            }
+
+        results.update(interleaved_median_ms(loads("pageable"), args.repeats))
         if cuda:
             start = time.perf_counter()
             image = load(True)
             results["disk_to_host_pinned_first_ms"] = (time.perf_counter() - start) * 1e3
-            results["disk_to_host_pinned_hashed_ms"] = median_ms(
-                lambda: load(True, hashed=True), args.repeats
-            )
-            results["disk_to_host_pinned_ms"] = median_ms(lambda: load(True), args.repeats)
+            results.update(interleaved_median_ms(loads("pinned"), args.repeats))
             pool = LoraSlotPool(config, 4, args.max_lora_rank, torch.bfloat16, "cuda")
             slot_load_ms(pool, image, 3)  # warm-up
             results["host_to_slot_ms"] = slot_load_ms(pool, image, 20)

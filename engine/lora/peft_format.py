@@ -11,7 +11,8 @@ into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA output, and
 value of the image is finite in the serving dtype. The file is read once; its sha256 is
 computed beside the decode, or known from an earlier read of the unchanged file
 (engine.lora.hashed_read). Each weight is written once into the image (B scaled on the
-way) and the finiteness checks run on the packed tensors, one reduction each.
+way) and the finiteness checks run on the packed tensors, one reduction each, all on the
+loading thread alone (`engine.cpu_threads`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cpu_threads import this_thread_only
 from engine.formats.adapter_config import read_pinned_config
 from engine.formats.adapter_folder import unreadable_weights, weights_file
 from engine.formats.adapter_header import (
@@ -143,7 +145,10 @@ def load_adapter(
     try:
         header = header_from_bytes(path, read.data)
         summary = summarize(pinned, header, model_config, max_rank, len(read.data), "")
-        groups = _pack(path, read.data, header, summary, layouts, model_config, dtype, pin_memory)
+        with this_thread_only():  # its cores go to the sha256 thread and the engine's
+            groups = _pack(
+                path, read.data, header, summary, layouts, model_config, dtype, pin_memory
+            )
     except AdapterFormatError:
         # Another file than the one registered is the first thing to say.
         check_sha256(path, read.sha256(), expected_sha256)
