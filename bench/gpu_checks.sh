@@ -32,5 +32,6 @@ if [ -n "${1:-}" ]; then
     --out "$OUT/profile_old.json"
 fi
 run attention timeout 120 python3 bench/bench_attention.py --out "$OUT/attention.json"
-run adapter_load timeout 120 python3 bench/bench_adapter_load.py --out "$OUT/adapter_load.json"
+run adapter_load timeout 150 python3 bench/bench_adapter_load.py --threads 4 --adapters 50 \
+  --out "$OUT/adapter_load.json"
 exit $status
