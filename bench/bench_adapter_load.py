@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_decode_step import LLAMA_31_8B  # noqa: E402
 
+from engine import cpu_threads  # noqa: E402
 from engine.lora import peft_format  # noqa: E402
 from engine.lora.hashed_read import (  # noqa: E402
     READ_BUFFERS,
@@ -207,6 +208,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"adapter: rank {args.rank}, {args.layers} layers, all 7 projections, {file_mb:.1f} MB")
+    one = cpu_threads._omp_set_num_threads is not None
+    print(f"torch intra-op threads: {torch.get_num_threads()}; one-thread pack available: {one}")
     print(f"{'measurement':<40} {'value':>10}")
     for key, value in results.items():
         print(f"{key:<40} {value:>10.2f}")
@@ -221,6 +224,9 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "platform": platform.platform(),
                 "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                # False: the OpenMP runtime was not found, so both ways used the team.
+                "one_thread_pack": cpu_threads._omp_set_num_threads is not None,
             },
             "commit": commit,
             "adapter_file_mb": file_mb,
