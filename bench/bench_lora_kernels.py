@@ -7,10 +7,16 @@ Scenarios (default: decode and prefill):
 - prefill: 4096 tokens with 8 adapters (512 tokens each);
 - mixed: one 512-token prefill chunk beside 31 decode tokens of other adapters;
 - sharedN (shared2, shared4, ...): 64 decode tokens, N per adapter, interleaved, to
-  place the SGMV/BGMV crossover.
+  place the SGMV/BGMV crossover;
+- single: one decode token with an adapter (B1).
 For every projection group of a layer (q/k/v, o, gate/up, down) it times the base GEMM,
 the LoRA shrink and expand of each form, add_lora in each form and in the form
-`choose_form` picks, and the torch reference.
+`choose_form` picks, and the torch reference. And the shrink folded into the base GEMM
+(`fold_*`, as the engine's bucket-1 "fold" graph does with one slot): one GEMM over the
+weight with every pool slot's A rows after it, then the expand from one bf16 plane of
+its output; `fold_us` against `base_us + bgmv_us` says what folding saves, for one slot
+(single) and for 32 (decode, where each token's h would sit at its slot's columns: the
+timed expand reads the first slot's, the same cost; the check gathers each token's own).
 
 Timing: `triton.testing.do_bench` (median), which flushes the L2 before every run, so
 adapters come from HBM as in a real forward pass where the base weights evict them.
@@ -56,6 +62,8 @@ def scenario_slots(name: str) -> tuple[list[int], int]:
         return [s for s in range(8) for _ in range(512)], 8
     if name == "mixed":  # one 512-token prefill chunk beside 31 decode tokens
         return [0] * 512 + list(range(1, 32)), 32
+    if name == "single":
+        return [0], 1
     if name.startswith("shared"):  # e.g. shared4: 64 decode tokens, 4 per adapter
         per_adapter = int(name.removeprefix("shared"))
         return [t % (64 // per_adapter) for t in range(64)], 64 // per_adapter
@@ -136,6 +144,7 @@ def run_case(scenario: str, group: str, rank: int, r_max: int, warmup: int, rep:
             warmup,
             rep,
         )
+    row.update(fold_case(x, w, lora_a, lora_b, offsets, meta, token_slots, warmup, rep))
     row["auto_us"] = row[f"{row['auto_form']}_us"]
     row["lora_vs_base"] = row["auto_us"] / row["base_us"]
     row["eager_us"] = 1e3 * bench_ms(
@@ -145,6 +154,49 @@ def run_case(scenario: str, group: str, rank: int, r_max: int, warmup: int, rep:
         lambda: add_lora(x, lora_a, lora_b, out, offsets, meta, backend="torch"), warmup, rep
     )
     return row
+
+
+def fold_case(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    offsets: list[int],
+    meta,
+    token_slots: list[int],
+    warmup: int,
+    rep: int,
+) -> dict:
+    """Times of the folded shrink (see the module docstring), after checking that it
+    gives base + add_lora's output."""
+    num_slots, n_slices, r_max, _ = lora_a.shape
+    total_out, width = w.shape[0], n_slices * r_max
+    folded = torch.cat([w, lora_a.flatten(0, 2)])  # [total_out + S * n * r_max, in]
+    full = torch.empty(x.shape[0], folded.shape[0], device=x.device, dtype=x.dtype)
+    out = full[:, :total_out]
+
+    def plane(columns: torch.Tensor) -> torch.Tensor:  # [T, n * r_max] -> [1, T, n, r_max]
+        return columns.unflatten(1, (n_slices, r_max)).unsqueeze(0)
+
+    torch.mm(x, folded.t(), out=full)
+    starts = total_out + width * torch.tensor(token_slots, device=x.device)
+    own = full.gather(1, starts[:, None] + torch.arange(width, device=x.device))
+    expected = torch.mm(x, w.t())
+    add_lora(x, lora_a, lora_b, expected, offsets, meta, form="bgmv")
+    lora_expand(plane(own), lora_b, out, offsets, meta, "bgmv")
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+    first = plane(full[:, total_out : total_out + width])
+
+    def fold() -> None:
+        torch.mm(x, folded.t(), out=full)
+        lora_expand(first, lora_b, out, offsets, meta, "bgmv")
+
+    return {
+        "fold_slots": num_slots,
+        "fold_gemm_us": graph_us(lambda: torch.mm(x, folded.t(), out=full), warmup, rep),
+        "fold_us": graph_us(fold, warmup, rep),
+    }
 
 
 def print_table(rows: list[dict]) -> None:
@@ -157,6 +209,7 @@ def print_table(rows: list[dict]) -> None:
         ("torch_us", "torch", "{:>8.1f}"),
         ("sgmv_shrink_us", "sg_shr", "{:>7.1f}"), ("sgmv_expand_us", "sg_exp", "{:>7.1f}"),
         ("bgmv_shrink_us", "bg_shr", "{:>7.1f}"), ("bgmv_expand_us", "bg_exp", "{:>7.1f}"),
+        ("fold_gemm_us", "fold_mm", "{:>7.1f}"), ("fold_us", "fold", "{:>7.1f}"),
     ]  # fmt: skip
     print(" ".join(f"{head:>{len(fmt.format(rows[0][key]))}}" for key, head, fmt in cols))
     for row in rows:

@@ -31,6 +31,8 @@ if [ -n "${1:-}" ]; then
   run profile_old timeout 200 python3 bench/profile_decode_step.py --label old --root "$1" \
     --out "$OUT/profile_old.json"
 fi
+run lora_kernels timeout 150 python3 bench/bench_lora_kernels.py --scenarios single decode \
+  --out "$OUT/lora_kernels.json"
 run attention timeout 120 python3 bench/bench_attention.py --out "$OUT/attention.json"
 run adapter_load timeout 150 python3 bench/bench_adapter_load.py --threads 4 --adapters 50 \
   --out "$OUT/adapter_load.json"
