@@ -1,14 +1,14 @@
 """Run a block of torch CPU ops on the calling thread alone, leaving every other thread's
 intra-op thread count as it is.
 
-Why: PyTorch (OpenMP builds, the Linux wheels) runs every CPU op over 32 K elements as
+Why: PyTorch (OpenMP builds, the Linux wheels) runs every CPU op over 32,768 elements as
 one parallel region of its whole OpenMP team, however little work each member gets, and
-the region ends at a barrier that waits for all of them. An adapter load runs ~1,100
-such ops (one copy or scaled copy per module); beside it the sha256 thread, the engine
-loop and gRPC hold cores, so some team member waits for a core at nearly every barrier.
-On 2 cores a hashed load took 75 ms against 51 ms with a team of one, which hides the
-hash entirely (`bench/results/adapter_load_cpu.md`). The load is memory-bound: one
-thread packs it nearly as fast as all of them.
+the region ends at a barrier that waits for all of them. An 8B adapter's load runs about
+400 such ops (the copy of A and the scaled copy of B of most modules); beside it the
+sha256 thread, the engine loop and gRPC hold cores, so some team member waits for a core
+at nearly every barrier. On 2 cores a hashed load took 76 ms against 59 ms with a team
+of one, the hash alone 51 ms (`bench/results/adapter_load_cpu.md`). The load is
+memory-bound: one thread packs it nearly as fast as all of them.
 
 Why not `torch.set_num_threads(1)`: it also sets the process-wide count that any thread
 starting its first op meanwhile inherits for good (an engine loop starting during a
