@@ -2,9 +2,9 @@
 # One device call: GPU tests, then the kernel-level benchmarks; $OUT gets logs.txt and
 # one JSON per benchmark (the device tool brings back at most 8 files).
 # Usage (on the GPU machine, repo root): bash bench/gpu_checks.sh [BASELINE_CHECKOUT]
-# Needs the wheels the GPU image lacks in .whl/ (grpcio-health-checking,
-# grpcio-reflection, sqlalchemy, greenlet, google-re2) and the SmolLM2 tokenizer files in
-# .gpu_assets/tokenizer (the image has no gguf to convert the default model).
+# Needs the wheels the GPU image lacks in .whl/ and the SmolLM2 tokenizer files in
+# .gpu_assets/tokenizer: `bash bench/device_assets.sh .venv [BASELINE_COMMIT]` prepares
+# them (and the baseline checkout); carry .whl, .gpu_assets and the baseline.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
