@@ -6,13 +6,16 @@ without CUDA the host-side rows still run (pageable memory, no slot row).
 
 Rows (page cache warm, median of `--repeats`):
 - read + sha256: the file read once with its hash beside it (engine.lora.hashed_read),
-  into a fresh buffer, then into a reused one (`ReadBuffers`), then with its digest
-  already known (`DigestCache`: no hash) into a reused one.
+  into a fresh buffer, then into a reused one (`ReadBuffers`), then checked against its
+  registered chunked sha256 (chunks hashed on threads), then with its digest already
+  known (`DigestCache`: no hash) into a reused one.
 - disk -> host: `load_adapter` into the packed bf16 image, pinned on CUDA: `_hashed` with
   the digest cache emptied before each load (a file's first load), else a reload of a
   file whose digest is known (an evicted adapter, or one folder under two ids). The
   first pinned load is reported apart: later ones reuse page-locked blocks from torch's
   host allocator, a real preload mostly cannot.
+- `_chunked`: a file's first load checked against its registered chunked sha256
+  (`engine.formats.chunked_digest`, chunks hashed on threads) instead of hashed whole.
 - the same loads packed by torch's whole intra-op team (`_team`: `this_thread_only`
   replaced by a no-op, the code before it), interleaved with the rows above so that a
   shared machine's drift hits both alike.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -50,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode_step import LLAMA_31_8B  # noqa: E402
 
 from engine import cpu_threads  # noqa: E402
+from engine.formats.chunked_digest import chunked_sha256  # noqa: E402
 from engine.lora import peft_format  # noqa: E402
 from engine.lora.hashed_read import (  # noqa: E402
     READ_BUFFERS,
@@ -142,8 +147,11 @@ def main() -> None:
         time.sleep(VERIFIED_DIGESTS.settle_ns / 1e9)
         read_hashed(path).sha256()  # the page cache is warm from here on
 
-        def read_and_release(digests: DigestCache | None) -> None:
-            read = read_hashed(path, digests)
+        data = path.read_bytes()
+        registered = (hashlib.sha256(data).hexdigest(), chunked_sha256(data))
+
+        def read_and_release(digests: DigestCache | None, chunked: bool = False) -> None:
+            read = read_hashed(path, digests, registered=registered if chunked else None)
             read.sha256()
             read.release()
 
@@ -153,23 +161,30 @@ def main() -> None:
         results["read_sha256_reused_buffer_ms"] = median_ms(
             lambda: read_and_release(None), args.repeats
         )
+        results["read_chunked_check_ms"] = median_ms(
+            lambda: read_and_release(None, chunked=True), args.repeats
+        )
         results["read_known_digest_ms"] = median_ms(
             lambda: read_and_release(VERIFIED_DIGESTS), args.repeats
         )
 
-        def load(pin: bool, hashed: bool = False, team: bool = False):
+        expected = {"expected_sha256": registered[0], "expected_chunked_sha256": registered[1]}
+
+        def load(pin: bool, hashed: bool = False, team: bool = False, chunked: bool = False):
             if hashed:
                 VERIFIED_DIGESTS.clear()
             no_op = mock.patch.object(peft_format, "this_thread_only", contextlib.nullcontext)
             with no_op if team else contextlib.nullcontext():
                 return load_adapter(
-                    folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin
-                )
+                    folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin,
+                    **(expected if chunked else {}),
+                )  # fmt: skip
 
         def loads(memory: str) -> dict[str, Callable[[], object]]:
             pin = memory == "pinned"
             return {
                 f"disk_to_host_{memory}_hashed_ms": lambda: load(pin, hashed=True),
+                f"disk_to_host_{memory}_chunked_ms": lambda: load(pin, True, chunked=True),
                 f"disk_to_host_{memory}_ms": lambda: load(pin),
                 f"disk_to_host_{memory}_hashed_team_ms": lambda: load(pin, True, team=True),
                 f"disk_to_host_{memory}_team_ms": lambda: load(pin, team=True),

@@ -35,9 +35,9 @@ from engine.formats.adapter_header import (
     header_from_bytes,
     summarize,
 )
-from engine.formats.errors import AdapterFormatError, AdapterMalformed
+from engine.formats.errors import AdapterChanged, AdapterFormatError, AdapterMalformed
 from engine.formats.safetensors_header import TensorInfo
-from engine.lora.hashed_read import read_hashed
+from engine.lora.hashed_read import DigestMismatch, HashedRead, read_hashed
 from engine.lora.layout import SLICE_OF, GroupLayout, group_layouts
 from engine.model.config import ModelConfig
 
@@ -131,14 +131,20 @@ def load_adapter(
     pin_memory: bool = False,
     expected_sha256: str = "",
     expected_config_sha256: str = "",
+    expected_chunked_sha256: str = "",
 ) -> LoraWeights:
     """Read, validate, scale and pack the adapter in `folder` into a `dtype` image
-    (page-locked when `pin_memory`); AdapterFormatError on any problem."""
+    (page-locked when `pin_memory`); AdapterFormatError on any problem. With
+    `expected_sha256`, `expected_chunked_sha256` (registered beside it) has the file
+    checked on several threads instead of hashed in one pass."""
     folder = Path(folder)
     pinned = read_pinned_config(folder, expected_config_sha256)
     path = weights_file(folder)
+    registered = None
+    if expected_sha256 and expected_chunked_sha256:
+        registered = (expected_sha256, expected_chunked_sha256)
     try:
-        read = read_hashed(path)
+        read = read_hashed(path, registered=registered)
     except OSError as exc:
         raise unreadable_weights(path, exc) from exc
     layouts = group_layouts(model_config)
@@ -151,12 +157,27 @@ def load_adapter(
             )
     except AdapterFormatError:
         # Another file than the one registered is the first thing to say.
-        check_sha256(path, read.sha256(), expected_sha256)
+        _checked_sha256(path, read, expected_sha256, expected_chunked_sha256)
         raise
-    sha256 = read.sha256()
-    read.release()  # the image holds copies: the next read of this size reuses the buffer
-    check_sha256(path, sha256, expected_sha256)
+    try:
+        sha256 = _checked_sha256(path, read, expected_sha256, expected_chunked_sha256)
+    finally:
+        read.release()  # the image holds copies: the next read of this size reuses the buffer
     return LoraWeights(dataclasses.replace(summary, sha256=sha256), groups, layouts)
+
+
+def _checked_sha256(path: Path, read: HashedRead, expected: str, expected_chunked: str) -> str:
+    """The file's sha256; AdapterChanged when it is not the one registered."""
+    try:
+        sha256 = read.sha256()
+    except DigestMismatch as exc:
+        raise AdapterChanged(
+            "sha256_mismatch",
+            f"{path} has chunked sha256 {exc.actual} but {expected_chunked} was expected; "
+            "the file changed since it was registered: register the new file as a new version",
+        ) from None
+    check_sha256(path, sha256, expected)
+    return sha256
 
 
 def _pack(

@@ -101,8 +101,11 @@ class AdapterRegistry:
         tenant: str = "",
         aliases: Iterable[str] = (),
         config_sha256: str = "",
+        chunked_sha256: str = "",
     ) -> tuple[LoadOutcome, LoadedAdapter]:
         """Validate and load the adapter folder at `path` under `adapter_id`.
+        `chunked_sha256`, registered beside `sha256`, lets the first read check the file
+        on several threads (`engine.formats.chunked_digest`).
 
         Idempotent: the same id with the same content (sha256, and config_sha256 when
         given) is "already_loaded"; the adapter's aliases become exactly `aliases` (new
@@ -125,7 +128,7 @@ class AdapterRegistry:
             if existing is not None and sha256:
                 # The caller named the content: answer without reading the file.
                 return self._reload_existing(existing, sha256, config_sha256, tenant, aliases)
-        weights = self._read(adapter_id, folder, sha256, config_sha256)
+        weights = self._read(adapter_id, folder, sha256, config_sha256, chunked_sha256)
         with self._lock:
             self._check_names(adapter_id, aliases)
             existing = self._entries.get(adapter_id)
@@ -242,7 +245,14 @@ class AdapterRegistry:
         with self._lock:
             return len(self._entries)
 
-    def _read(self, adapter_id: str, folder: Path, sha256: str, config_sha256: str) -> LoraWeights:
+    def _read(
+        self,
+        adapter_id: str,
+        folder: Path,
+        sha256: str,
+        config_sha256: str,
+        chunked_sha256: str = "",
+    ) -> LoraWeights:
         if self._before_read is not None:
             self._before_read(adapter_id)
         return load_adapter(
@@ -253,6 +263,7 @@ class AdapterRegistry:
             pin_memory=self.pin_memory,
             expected_sha256=sha256,
             expected_config_sha256=config_sha256,
+            expected_chunked_sha256=chunked_sha256,
         )
 
     # Everything below runs with the lock held.

@@ -62,6 +62,7 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
             tenant=request.tenant,
             aliases=tuple(request.aliases),
             config_sha256=request.config_sha256,
+            chunked_sha256=request.chunked_sha256,
         )
         return pb.LoadAdapterResponse(
             outcome=pb.LOAD_OUTCOME_LOADED

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloraplex/v1/engine_admin.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0f\n\x07\x61liases\x18\x05 \x03(\t\x12\x15\n\rconfig_sha256\x18\x06 \x01(\t\"k\n\x13LoadAdapterResponse\x12)\n\x07outcome\x18\x01 \x01(\x0e\x32\x18.loraplex.v1.LoadOutcome\x12)\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\")\n\x13\x45victAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"B\n\x14\x45victAdapterResponse\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.EvictOutcome\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\xb1\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12)\n\tresidency\x18\x06 \x01(\x0e\x32\x16.loraplex.v1.Residency\x12-\n\tlast_used\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\r\n\x05\x61lpha\x18\x0b \x01(\x02\x12\x10\n\x08\x65victing\x18\x0c \x01(\x08\x12\x0c\n\x04path\x18\r \x01(\t\"\x16\n\x14GetEngineInfoRequest\"\xeb\x02\n\nEngineInfo\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x11\n\tmax_loras\x18\x04 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\r\x12\x15\n\rkv_block_size\x18\x0b \x01(\r\x12\x15\n\rmax_model_len\x18\x0c \x01(\r\x12\x18\n\x10running_requests\x18\r \x01(\r\x12\x18\n\x10waiting_requests\x18\x0e \x01(\r\x12\x14\n\x0cnum_adapters\x18\x0f \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x10 \x01(\t\"B\n\x0b\x41piKeyEntry\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bsecret_hash\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"P\n\x12SyncApiKeysRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ApiKeyEntry\x12\x12\n\ngeneration\x18\x02 \x01(\x04\")\n\x13SyncApiKeysResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04*e\n\x0bLoadOutcome\x12\x1c\n\x18LOAD_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13LOAD_OUTCOME_LOADED\x10\x01\x12\x1f\n\x1bLOAD_OUTCOME_ALREADY_LOADED\x10\x02*g\n\x0c\x45victOutcome\x12\x1d\n\x19\x45VICT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VICT_OUTCOME_EVICTED\x10\x01\x12\x1d\n\x19\x45VICT_OUTCOME_NOT_PRESENT\x10\x02*`\n\tResidency\x12\x19\n\x15RESIDENCY_UNSPECIFIED\x10\x00\x12\x11\n\rRESIDENCY_GPU\x10\x01\x12\x11\n\rRESIDENCY_CPU\x10\x02\x12\x12\n\x0eRESIDENCY_DISK\x10\x03\x32\xa8\x03\n\x0b\x45ngineAdmin\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12S\n\x0c\x45victAdapter\x12 .loraplex.v1.EvictAdapterRequest\x1a!.loraplex.v1.EvictAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12K\n\rGetEngineInfo\x12!.loraplex.v1.GetEngineInfoRequest\x1a\x17.loraplex.v1.EngineInfo\x12P\n\x0bSyncApiKeys\x12\x1f.loraplex.v1.SyncApiKeysRequest\x1a .loraplex.v1.SyncApiKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloraplex/v1/engine_admin.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x01\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0f\n\x07\x61liases\x18\x05 \x03(\t\x12\x15\n\rconfig_sha256\x18\x06 \x01(\t\x12\x16\n\x0e\x63hunked_sha256\x18\x07 \x01(\t\"k\n\x13LoadAdapterResponse\x12)\n\x07outcome\x18\x01 \x01(\x0e\x32\x18.loraplex.v1.LoadOutcome\x12)\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\")\n\x13\x45victAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"B\n\x14\x45victAdapterResponse\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.EvictOutcome\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\xb1\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12)\n\tresidency\x18\x06 \x01(\x0e\x32\x16.loraplex.v1.Residency\x12-\n\tlast_used\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\r\n\x05\x61lpha\x18\x0b \x01(\x02\x12\x10\n\x08\x65victing\x18\x0c \x01(\x08\x12\x0c\n\x04path\x18\r \x01(\t\"\x16\n\x14GetEngineInfoRequest\"\xeb\x02\n\nEngineInfo\x12\x0f\n\x07\x62oot_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x11\n\tmax_loras\x18\x04 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\n \x01(\r\x12\x15\n\rkv_block_size\x18\x0b \x01(\r\x12\x15\n\rmax_model_len\x18\x0c \x01(\r\x12\x18\n\x10running_requests\x18\r \x01(\r\x12\x18\n\x10waiting_requests\x18\x0e \x01(\r\x12\x14\n\x0cnum_adapters\x18\x0f \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x10 \x01(\t\"B\n\x0b\x41piKeyEntry\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bsecret_hash\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"P\n\x12SyncApiKeysRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ApiKeyEntry\x12\x12\n\ngeneration\x18\x02 \x01(\x04\")\n\x13SyncApiKeysResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04*e\n\x0bLoadOutcome\x12\x1c\n\x18LOAD_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13LOAD_OUTCOME_LOADED\x10\x01\x12\x1f\n\x1bLOAD_OUTCOME_ALREADY_LOADED\x10\x02*g\n\x0c\x45victOutcome\x12\x1d\n\x19\x45VICT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VICT_OUTCOME_EVICTED\x10\x01\x12\x1d\n\x19\x45VICT_OUTCOME_NOT_PRESENT\x10\x02*`\n\tResidency\x12\x19\n\x15RESIDENCY_UNSPECIFIED\x10\x00\x12\x11\n\rRESIDENCY_GPU\x10\x01\x12\x11\n\rRESIDENCY_CPU\x10\x02\x12\x12\n\x0eRESIDENCY_DISK\x10\x03\x32\xa8\x03\n\x0b\x45ngineAdmin\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12S\n\x0c\x45victAdapter\x12 .loraplex.v1.EvictAdapterRequest\x1a!.loraplex.v1.EvictAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12K\n\rGetEngineInfo\x12!.loraplex.v1.GetEngineInfoRequest\x1a\x17.loraplex.v1.EngineInfo\x12P\n\x0bSyncApiKeys\x12\x1f.loraplex.v1.SyncApiKeysRequest\x1a .loraplex.v1.SyncApiKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.engine_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADOUTCOME']._serialized_start=1410
-  _globals['_LOADOUTCOME']._serialized_end=1511
-  _globals['_EVICTOUTCOME']._serialized_start=1513
-  _globals['_EVICTOUTCOME']._serialized_end=1616
-  _globals['_RESIDENCY']._serialized_start=1618
-  _globals['_RESIDENCY']._serialized_end=1714
-  _globals['_LOADADAPTERREQUEST']._serialized_start=80
-  _globals['_LOADADAPTERREQUEST']._serialized_end=206
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=208
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=315
-  _globals['_EVICTADAPTERREQUEST']._serialized_start=317
-  _globals['_EVICTADAPTERREQUEST']._serialized_end=358
-  _globals['_EVICTADAPTERRESPONSE']._serialized_start=360
-  _globals['_EVICTADAPTERRESPONSE']._serialized_end=426
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=428
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=449
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=451
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=517
-  _globals['_ADAPTERINFO']._serialized_start=520
-  _globals['_ADAPTERINFO']._serialized_end=825
-  _globals['_GETENGINEINFOREQUEST']._serialized_start=827
-  _globals['_GETENGINEINFOREQUEST']._serialized_end=849
-  _globals['_ENGINEINFO']._serialized_start=852
-  _globals['_ENGINEINFO']._serialized_end=1215
-  _globals['_APIKEYENTRY']._serialized_start=1217
-  _globals['_APIKEYENTRY']._serialized_end=1283
-  _globals['_SYNCAPIKEYSREQUEST']._serialized_start=1285
-  _globals['_SYNCAPIKEYSREQUEST']._serialized_end=1365
-  _globals['_SYNCAPIKEYSRESPONSE']._serialized_start=1367
-  _globals['_SYNCAPIKEYSRESPONSE']._serialized_end=1408
-  _globals['_ENGINEADMIN']._serialized_start=1717
-  _globals['_ENGINEADMIN']._serialized_end=2141
+  _globals['_LOADOUTCOME']._serialized_start=1435
+  _globals['_LOADOUTCOME']._serialized_end=1536
+  _globals['_EVICTOUTCOME']._serialized_start=1538
+  _globals['_EVICTOUTCOME']._serialized_end=1641
+  _globals['_RESIDENCY']._serialized_start=1643
+  _globals['_RESIDENCY']._serialized_end=1739
+  _globals['_LOADADAPTERREQUEST']._serialized_start=81
+  _globals['_LOADADAPTERREQUEST']._serialized_end=231
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=233
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=340
+  _globals['_EVICTADAPTERREQUEST']._serialized_start=342
+  _globals['_EVICTADAPTERREQUEST']._serialized_end=383
+  _globals['_EVICTADAPTERRESPONSE']._serialized_start=385
+  _globals['_EVICTADAPTERRESPONSE']._serialized_end=451
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=453
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=474
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=476
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=542
+  _globals['_ADAPTERINFO']._serialized_start=545
+  _globals['_ADAPTERINFO']._serialized_end=850
+  _globals['_GETENGINEINFOREQUEST']._serialized_start=852
+  _globals['_GETENGINEINFOREQUEST']._serialized_end=874
+  _globals['_ENGINEINFO']._serialized_start=877
+  _globals['_ENGINEINFO']._serialized_end=1240
+  _globals['_APIKEYENTRY']._serialized_start=1242
+  _globals['_APIKEYENTRY']._serialized_end=1308
+  _globals['_SYNCAPIKEYSREQUEST']._serialized_start=1310
+  _globals['_SYNCAPIKEYSREQUEST']._serialized_end=1390
+  _globals['_SYNCAPIKEYSRESPONSE']._serialized_start=1392
+  _globals['_SYNCAPIKEYSRESPONSE']._serialized_end=1433
+  _globals['_ENGINEADMIN']._serialized_start=1742
+  _globals['_ENGINEADMIN']._serialized_end=2166
 # @@protoc_insertion_point(module_scope)

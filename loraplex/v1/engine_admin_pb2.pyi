@@ -40,20 +40,22 @@ RESIDENCY_CPU: Residency
 RESIDENCY_DISK: Residency
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "sha256", "tenant", "aliases", "config_sha256")
+    __slots__ = ("adapter_id", "path", "sha256", "tenant", "aliases", "config_sha256", "chunked_sha256")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_SHA256_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     sha256: str
     tenant: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     config_sha256: str
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., tenant: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., config_sha256: _Optional[str] = ...) -> None: ...
+    chunked_sha256: str
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., tenant: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., config_sha256: _Optional[str] = ..., chunked_sha256: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("outcome", "adapter")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
+from engine.formats.chunked_digest import chunked_sha256
 from engine.formats.errors import AdapterFormatError
 from engine.lora.errors import AdapterConflictError
 from engine.lora.peft_format import load_adapter
@@ -127,6 +128,29 @@ def test_a_config_rewritten_after_registration_is_refused(
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "different content" in error.details()
     assert engine.admin.EvictAdapter(pb.EvictAdapterRequest(adapter_id="acme/a@1"), metadata=ADMIN)
+
+
+def test_weights_changed_after_registration_fail_the_chunked_check(
+    engine: RunningEngine, made: Made
+) -> None:
+    folder = made.copy()
+    weights = folder / "adapter_model.safetensors"
+    registered = {
+        "sha256": sha256_of(weights),
+        "chunked_sha256": chunked_sha256(weights.read_bytes()),
+    }
+    reply = load(engine, "acme/c@1", folder, **registered)
+    assert reply.outcome == pb.LOAD_OUTCOME_LOADED
+    assert reply.adapter.sha256 == registered["sha256"]
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x01  # a low bit of the last weight: still a valid, finite file
+    weights.unlink()  # a new inode, as a copy over the folder would make
+    weights.write_bytes(data)
+    error = refusal(engine, "acme/c@2", folder, **registered)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"chunked sha256 {chunked_sha256(data)}" in error.details()
+    assert "new version" in error.details()
+    assert engine.admin.EvictAdapter(pb.EvictAdapterRequest(adapter_id="acme/c@1"), metadata=ADMIN)
 
 
 @pytest.mark.parametrize(

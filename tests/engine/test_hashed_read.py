@@ -13,9 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.formats.chunked_digest import chunked_sha256
 from engine.formats.errors import AdapterFormatError
 from engine.lora import hashed_read
-from engine.lora.hashed_read import VERIFIED_DIGESTS, DigestCache, ReadBuffers, read_hashed
+from engine.lora.hashed_read import (
+    VERIFIED_DIGESTS,
+    DigestCache,
+    DigestMismatch,
+    ReadBuffers,
+    read_hashed,
+)
 from engine.lora.peft_format import load_adapter
 from engine.model.config import ModelConfig
 from tests.adapter_factory import make_peft_adapter
@@ -167,3 +174,65 @@ def test_a_reloaded_adapter_is_not_hashed_again_and_a_rewritten_one_is_checked(
     assert caught.value.reason == "sha256_mismatch" and first.sha256 in str(caught.value)
     assert len(hash_calls) == 2
     assert load_adapter(folder, model_config, MAX_RANK).sha256 == hashlib.sha256(edited).hexdigest()
+
+
+def test_a_registered_chunked_digest_is_checked_instead_of_the_plain_hash(
+    tmp_path: Path, hash_calls: list[int]
+) -> None:
+    path = tmp_path / "blob"
+    data = os.urandom((20 << 20) + 12345)  # two full 8 MiB chunks and a short one
+    path.write_bytes(data)
+    sha256, chunked = hashlib.sha256(data).hexdigest(), chunked_sha256(data)
+    digests = DigestCache(settle_ns=0)
+    read = read_hashed(path, digests, registered=(sha256.upper(), chunked.upper()))
+    assert read.sha256() == sha256 and read.data == data
+    assert not hash_calls  # no pass of the whole file
+    assert read_hashed(path, digests).sha256() == sha256  # remembered as checked
+    assert not hash_calls
+
+
+def test_a_file_changed_since_registration_fails_the_chunked_check(
+    tmp_path: Path, hash_calls: list[int]
+) -> None:
+    path = tmp_path / "blob"
+    data = bytearray(os.urandom(9 << 20))
+    registered = (hashlib.sha256(data).hexdigest(), chunked_sha256(data))
+    data[-1] ^= 1  # one bit, in the last chunk
+    path.write_bytes(data)
+    digests = DigestCache(settle_ns=0)
+    with pytest.raises(DigestMismatch) as caught:
+        read_hashed(path, digests, registered=registered).sha256()
+    assert caught.value.actual == chunked_sha256(data)
+    assert len(digests) == 0  # a failed check is not remembered
+    assert read_hashed(path, digests).sha256() == hashlib.sha256(data).hexdigest()
+
+
+def test_an_adapter_loads_against_its_registered_chunked_digest_and_a_changed_one_is_refused(
+    base_dir: Path,
+    model_config: ModelConfig,
+    tmp_path: Path,
+    hash_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(VERIFIED_DIGESTS, "settle_ns", 0)
+    VERIFIED_DIGESTS.clear()
+    folder = make_peft_adapter(
+        base_dir, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0
+    )
+    original = (folder / WEIGHTS).read_bytes()
+    sha256, chunked = hashlib.sha256(original).hexdigest(), chunked_sha256(original)
+    weights = load_adapter(
+        folder, model_config, MAX_RANK, expected_sha256=sha256, expected_chunked_sha256=chunked
+    )
+    assert weights.sha256 == sha256 and not hash_calls
+
+    edited = original[:-4] + struct.pack("<f", 0.125)  # the last weight, a float32
+    rewrite_with_new_ctime(folder / WEIGHTS, edited)
+    with pytest.raises(AdapterFormatError) as caught:
+        load_adapter(
+            folder, model_config, MAX_RANK, expected_sha256=sha256, expected_chunked_sha256=chunked
+        )
+    message = str(caught.value)
+    assert caught.value.reason == "sha256_mismatch"
+    assert chunked_sha256(edited) in message and chunked in message
+    assert "register the new file as a new version" in message
