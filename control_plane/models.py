@@ -164,6 +164,9 @@ class AdapterVersion(Base):
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     config_sha256: Mapped[str] = mapped_column(String(64))
+    # engine.formats.chunked_digest of the same bytes as sha256: engines check it on
+    # several threads. "" for versions registered before it existed (migration 0003).
+    chunked_sha256: Mapped[str] = mapped_column(String(64), default="")
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     rank: Mapped[int]
     alpha: Mapped[float] = mapped_column(Float)

@@ -59,6 +59,7 @@ class EngineClient:
             tenant=action.tenant,
             aliases=list(action.aliases),
             config_sha256=action.config_sha256,
+            chunked_sha256=action.chunked_sha256,
         )
         try:
             await self._stub(address).LoadAdapter(

@@ -24,6 +24,7 @@ class VersionSpec:
     base_model_id: int
     replicas: int  # 0 = every live engine of the base model
     config_sha256: str = ""  # of adapter_config.json as registered: engines check it
+    chunked_sha256: str = ""  # of the weights as registered: engines check it on threads
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Load:
     tenant: str
     aliases: tuple[str, ...]
     config_sha256: str = ""
+    chunked_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ def _load(engine_id: int, spec: VersionSpec, aliases: tuple[str, ...]) -> Load:
         spec.tenant,
         aliases,
         spec.config_sha256,
+        spec.chunked_sha256,
     )
 
 

@@ -272,6 +272,7 @@ def _specs(rows: Sequence[Row[Any]]) -> list[VersionSpec]:
             base_model_id=row.base_model_id,
             replicas=row.replicas,
             config_sha256=row.config_sha256,
+            chunked_sha256=row.chunked_sha256,
         )
         for row in rows
     ]

@@ -195,6 +195,7 @@ def active_version_rows(session: Session) -> Sequence[Row[Any]]:
             AdapterVersion.path,
             AdapterVersion.sha256,
             AdapterVersion.config_sha256,
+            AdapterVersion.chunked_sha256,
             AdapterVersion.base_model_id,
             AdapterVersion.replicas,
             Adapter.id.label("adapter_id"),

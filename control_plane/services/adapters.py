@@ -255,6 +255,7 @@ def _persist_version(
         replicas=replicas,
         state=VersionState.ACTIVE,
         created_at=now,
+        chunked_sha256=summary.chunked_sha256,  # of the bytes that gave content's sha256
         **content,
     )
     adapter.current_version_id = version.id

@@ -10,12 +10,14 @@ control plane calls `validate_adapter_header` at registration time.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.formats.adapter_config import LoraAdapterConfig, PinnedConfig, read_pinned_config
 from engine.formats.adapter_folder import unreadable_weights, weights_file
+from engine.formats.chunked_digest import file_digests
 from engine.formats.errors import (
     AdapterChanged,
     AdapterFormatError,
@@ -28,7 +30,6 @@ from engine.formats.safetensors_header import (
     TensorInfo,
     read_header_from_bytes,
     read_header_from_file,
-    sha256_file,
 )
 from engine.model.config import PROJECTIONS, ModelConfig
 
@@ -80,6 +81,8 @@ class AdapterSummary:
     sha256: str  # hex digest of adapter_model.safetensors; "" when not computed
     base_model_name_or_path: str
     config_sha256: str  # hex digest of the adapter_config.json bytes parsed
+    # engine.formats.chunked_digest of the same bytes as sha256; "" when not computed
+    chunked_sha256: str = ""
 
 
 def validate_adapter_header(
@@ -93,8 +96,8 @@ def validate_adapter_header(
     """Check `folder` against the base model without reading tensor data.
 
     Raises AdapterFormatError (a subclass, with `.reason`) on the first problem. The
-    checksum is computed (which reads the whole file) only when `expected_sha256` is
-    given, then compared, or when `compute_sha256` is set.
+    checksums (sha256 and chunked sha256, from one read of the whole file) are computed
+    only when `expected_sha256` is given, then compared, or when `compute_sha256` is set.
     """
     pinned = read_pinned_config(folder)
     path = weights_file(folder)
@@ -104,11 +107,12 @@ def validate_adapter_header(
         raise unreadable_weights(path, exc) from exc
     except SafetensorsHeaderError as exc:
         raise weights_header_error(exc) from exc
-    sha256 = ""
+    sha256 = chunked = ""
     if expected_sha256 or compute_sha256:
-        sha256 = sha256_file(path)
+        sha256, chunked = file_digests(path)
         check_sha256(path, sha256, expected_sha256)
-    return summarize(pinned, tensors, model_config, max_rank, size_bytes, sha256)
+    summary = summarize(pinned, tensors, model_config, max_rank, size_bytes, sha256)
+    return dataclasses.replace(summary, chunked_sha256=chunked)
 
 
 def header_from_bytes(path: Path, data: bytes) -> dict[str, TensorInfo]:

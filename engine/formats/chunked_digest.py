@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
 CHUNK_BYTES = 8 << 20
 
@@ -36,6 +37,17 @@ def chunk_digest(data: memoryview | bytes, index: int) -> bytes:
 def combine(chunk_digests: Iterable[bytes]) -> str:
     """The chunked sha256 (hex) from the chunks' digests, in order."""
     return hashlib.sha256(b"".join(chunk_digests)).hexdigest()
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """The sha256 and the chunked sha256 of the file at `path`, hex, from one read: the
+    two always describe the same bytes."""
+    whole, chunks = hashlib.sha256(), []
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK_BYTES):  # whole chunks until the last
+            whole.update(block)
+            chunks.append(hashlib.sha256(block).digest())
+    return whole.hexdigest(), combine(chunks)
 
 
 def chunked_sha256(data: memoryview | bytes) -> str:

@@ -13,7 +13,6 @@ Problems raise SafetensorsHeaderError; callers turn it into their own error type
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -154,14 +153,6 @@ def parse_header(
     if position != data_len:
         raise _corrupt(path, f"it has {data_len - position} trailing bytes after the tensor data")
     return tensors
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _count(value: object) -> int:

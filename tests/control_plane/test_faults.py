@@ -183,6 +183,8 @@ def test_a_deleted_or_corrupted_file_fails_with_its_reason_and_retries_back_off(
         version = wait_for(lambda: failed(cp, "corrupted"), 10, "the corrupted version failed")
         assert version.failure_reason.startswith("FAILED_PRECONDITION")
         assert "changed since it was registered" in version.failure_reason
+        # The engine checked the digest registered for parallel checking, not one pass.
+        assert "chunked sha256" in version.failure_reason
         # While it backed off, its placement said why each load failed.
         [reason] = reasons
         assert reason.startswith("NOT_FOUND") and "adapter_model.safetensors" in reason

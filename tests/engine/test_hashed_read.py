@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.formats.chunked_digest import chunked_sha256
+from engine.formats.chunked_digest import CHUNK_BYTES, chunked_sha256, file_digests
 from engine.formats.errors import AdapterFormatError
 from engine.lora import hashed_read
 from engine.lora.hashed_read import (
@@ -236,3 +236,14 @@ def test_an_adapter_loads_against_its_registered_chunked_digest_and_a_changed_on
     assert caught.value.reason == "sha256_mismatch"
     assert chunked_sha256(edited) in message and chunked in message
     assert "register the new file as a new version" in message
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK_BYTES, 2 * CHUNK_BYTES + 7])
+def test_the_registration_digests_follow_their_definitions(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, size, CHUNK_BYTES)]
+    by_definition = hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks))
+    assert file_digests(path) == (hashlib.sha256(data).hexdigest(), by_definition.hexdigest())
+    assert chunked_sha256(data) == by_definition.hexdigest()
