@@ -3,6 +3,7 @@ folded delta `x @ A.T @ B_scaled.T` equals the delta of PEFT's LoRA module itsel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from engine.formats.adapter_header import validate_adapter_header
+from engine.formats.chunked_digest import chunked_sha256
 from engine.lora.peft_format import LoraWeights, load_adapter
 from engine.model.config import PROJECTIONS, ModelConfig
 from tests.adapter_factory import make_peft_adapter
@@ -94,7 +96,10 @@ def test_variant_delta_equals_peft(
         assert a.shape[1] == in_features and b.shape[0] == out_features and a.shape[0] == b.shape[1]
 
     header = validate_adapter_header(adapter_dir, model_config, MAX_RANK, compute_sha256=True)
-    assert header == weights.summary
+    # Registration also computes the chunked digest, which a load only checks.
+    data = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert header.chunked_sha256 == chunked_sha256(data)
+    assert dataclasses.replace(header, chunked_sha256="") == weights.summary
 
 
 def test_variant_details(base_dir: Path, model_config: ModelConfig, tmp_path: Path) -> None:
