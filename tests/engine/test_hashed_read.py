@@ -140,17 +140,19 @@ def test_read_buffers_are_reused_and_bounded(tmp_path: Path) -> None:
     assert read_hashed(path, None, buffers).data is not buffer
 
 
-def test_a_reloaded_adapter_is_not_hashed_again_and_a_rewritten_one_is_checked(
-    base_dir: Path,
-    model_config: ModelConfig,
-    tmp_path: Path,
-    hash_calls: list[int],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def folder(base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh PEFT adapter; the process's digest cache trusts files at once."""
     monkeypatch.setattr(VERIFIED_DIGESTS, "settle_ns", 0)
-    folder = make_peft_adapter(
+    VERIFIED_DIGESTS.clear()
+    return make_peft_adapter(
         base_dir, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0
     )
+
+
+def test_a_reloaded_adapter_is_not_hashed_again_and_a_rewritten_one_is_checked(
+    folder: Path, model_config: ModelConfig, tmp_path: Path, hash_calls: list[int]
+) -> None:
     twin = tmp_path / "twin"  # the same files registered under another id
     shutil.copytree(folder, twin, copy_function=os.link)  # (linking stamps a new ctime)
     first = load_adapter(folder, model_config, MAX_RANK)
@@ -208,17 +210,8 @@ def test_a_file_changed_since_registration_fails_the_chunked_check(
 
 
 def test_an_adapter_loads_against_its_registered_chunked_digest_and_a_changed_one_is_refused(
-    base_dir: Path,
-    model_config: ModelConfig,
-    tmp_path: Path,
-    hash_calls: list[int],
-    monkeypatch: pytest.MonkeyPatch,
+    folder: Path, model_config: ModelConfig, hash_calls: list[int]
 ) -> None:
-    monkeypatch.setattr(VERIFIED_DIGESTS, "settle_ns", 0)
-    VERIFIED_DIGESTS.clear()
-    folder = make_peft_adapter(
-        base_dir, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0
-    )
     original = (folder / WEIGHTS).read_bytes()
     sha256, chunked = hashlib.sha256(original).hexdigest(), chunked_sha256(original)
     weights = load_adapter(
