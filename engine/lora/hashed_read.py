@@ -47,7 +47,6 @@ from pathlib import Path
 
 from engine.formats.chunked_digest import CHUNK_BYTES, chunk_digest, combine, num_chunks
 
-_CHUNK_BYTES = CHUNK_BYTES
 # Threads that hash the chunks of files read with a registered chunked digest, shared by
 # every read of the process.
 _CHUNK_HASHERS = ThreadPoolExecutor(
@@ -197,7 +196,7 @@ def read_hashed(
         try:
             position = 0
             while position < size:
-                count = handle.readinto(view[position : position + _CHUNK_BYTES])
+                count = handle.readinto(view[position : position + CHUNK_BYTES])
                 if not count:
                     raise OSError(f"{path} shrank from {size} to {position} bytes while read")
                 position += count
@@ -205,7 +204,7 @@ def read_hashed(
                     progress.put(position)
                     continue
                 # Every chunk read in full goes to the hashers at once.
-                complete = num_chunks(size) if position == size else position // _CHUNK_BYTES
+                complete = num_chunks(size) if position == size else position // CHUNK_BYTES
                 while len(chunks) < complete:
                     chunks.append(_CHUNK_HASHERS.submit(chunk_digest, view, len(chunks)))
         finally:
