@@ -13,6 +13,7 @@ status from `engine.server.statuses`.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
@@ -25,6 +26,24 @@ from engine.server.auth import ApiKeyTable
 from engine.server.statuses import Refused, translated
 from loraplex.v1 import engine_admin_pb2 as pb
 from loraplex.v1 import engine_admin_pb2_grpc
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _check_chunked_sha256(request: pb.LoadAdapterRequest) -> None:
+    """INVALID_ARGUMENT for a chunked_sha256 that could not be what was registered."""
+    chunked = request.chunked_sha256
+    if chunked and not request.sha256:
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chunked_sha256 stands for the sha256 it was registered beside: give both, or neither",
+        )
+    if chunked and not _HEX64.fullmatch(chunked):
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"chunked_sha256 {chunked[:80]!r} is not 64 hex digits; send the digest the "
+            "control plane registered, or leave it empty",
+        )
 
 
 class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
@@ -52,6 +71,7 @@ class EngineAdminServicer(engine_admin_pb2_grpc.EngineAdminServicer):
                 "this engine serves a control plane, where every adapter belongs to a "
                 "tenant: LoadAdapter needs tenant",
             )
+        _check_chunked_sha256(request)
         require_roots(self._adapters.adapter_roots)  # FAILED_PRECONDITION when none
         # The registry's refusals (format, path, conflict, evicting) leave by `translated`.
         outcome, record = await asyncio.to_thread(

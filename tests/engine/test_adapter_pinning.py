@@ -154,6 +154,21 @@ def test_weights_changed_after_registration_fail_the_chunked_check(
 
 
 @pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"chunked_sha256": "a" * 64}, "give both, or neither"),
+        ({"sha256": "a" * 64, "chunked_sha256": "xyz"}, "is not 64 hex digits"),
+    ],
+)
+def test_a_chunked_digest_that_cannot_be_registered_is_invalid_argument(
+    engine: RunningEngine, made: Made, fields: dict[str, str], words: str
+) -> None:
+    error = refusal(engine, "acme/bad@1", made.copy(), **fields)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in error.details()
+
+
+@pytest.mark.parametrize(
     ("alpha", "what"),
     [("Infinity", "finite"), ("NaN", "finite"), ("1e999", "finite"), ("9" * 400, "finite")],
 )
