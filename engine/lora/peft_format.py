@@ -9,7 +9,8 @@ projection group, the adapter's whole slot image in the serving dtype (layout in
 engine.lora.layout), with PEFT's scaling (alpha/r or alpha/sqrt(r), per module) folded
 into B so that `delta = x @ A.T @ B_scaled.T` is exactly PEFT's LoRA output, and every
 value of the image is finite in the serving dtype. The file is read once; its sha256 is
-computed beside the decode, or known from an earlier read of the unchanged file
+computed beside the decode, stands proven by the registered chunked sha256 (checked on
+several threads), or is known from an earlier read of the unchanged file
 (engine.lora.hashed_read). Each weight is written once into the image (B scaled on the
 way) and the finiteness checks run on the packed tensors, one reduction each, all on the
 loading thread alone (`engine.cpu_threads`).
