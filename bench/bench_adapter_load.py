@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode_step import LLAMA_31_8B  # noqa: E402
 
 from engine import cpu_threads  # noqa: E402
-from engine.formats.chunked_digest import chunked_sha256  # noqa: E402
+from engine.formats.chunked_digest import file_digests  # noqa: E402
 from engine.lora import peft_format  # noqa: E402
 from engine.lora.hashed_read import (  # noqa: E402
     READ_BUFFERS,
@@ -147,8 +146,7 @@ def main() -> None:
         time.sleep(VERIFIED_DIGESTS.settle_ns / 1e9)
         read_hashed(path).sha256()  # the page cache is warm from here on
 
-        data = path.read_bytes()
-        registered = (hashlib.sha256(data).hexdigest(), chunked_sha256(data))
+        registered = file_digests(path)  # as the control plane registers them
 
         def read_and_release(digests: DigestCache | None, chunked: bool = False) -> None:
             read = read_hashed(path, digests, registered=registered if chunked else None)
@@ -173,8 +171,12 @@ def main() -> None:
         def load(pin: bool, hashed: bool = False, team: bool = False, chunked: bool = False):
             if hashed:
                 VERIFIED_DIGESTS.clear()
-            no_op = mock.patch.object(peft_format, "this_thread_only", contextlib.nullcontext)
-            with no_op if team else contextlib.nullcontext():
+            packing = (
+                mock.patch.object(peft_format, "this_thread_only", contextlib.nullcontext)
+                if team
+                else contextlib.nullcontext()
+            )
+            with packing:
                 return load_adapter(
                     folder, config, args.max_lora_rank, dtype=torch.bfloat16, pin_memory=pin,
                     **(expected if chunked else {}),
